@@ -1,0 +1,120 @@
+/* fastvec ring: control-block protocol. See ring.h for the byte layout. */
+#include "ring.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+#include <unistd.h>
+
+_Static_assert(sizeof(fv_ctl) == FV_CTL_SIZE, "fv_ctl must be FV_CTL_SIZE bytes");
+_Static_assert(offsetof(fv_ctl, req_seq) == 64, "request line at 64");
+_Static_assert(offsetof(fv_ctl, resp_seq) == 128, "reply line at 128");
+_Static_assert(offsetof(fv_ctl, heartbeat) == 192, "liveness line at 192");
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define RELAXED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+uint64_t fv_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t owner_pid,
+                 uint64_t start_seq) {
+    /* A respawned slot is dirty: wipe everything, then publish the magic last. */
+    RELAXED(&c->magic, 0u);
+    memset((char *)c + sizeof(uint32_t), 0, sizeof(fv_ctl) - sizeof(uint32_t));
+    c->version = FV_VERSION;
+    c->worker_index = worker_index;
+    c->generation = generation;
+    c->owner_pid = owner_pid;
+    c->req_seq = start_seq;
+    c->resp_seq = start_seq;
+    STORE(&c->magic, FV_MAGIC);
+}
+
+int fv_ctl_check(const fv_ctl *c) {
+    if (LOAD(&c->magic) != FV_MAGIC) return FV_RC_BAD_MAGIC;
+    if (c->version != FV_VERSION) return FV_RC_BAD_VERSION;
+    return FV_RC_OK;
+}
+
+void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
+                uint64_t payload_len, uint64_t env_mask) {
+    RELAXED(&c->opcode, opcode);
+    RELAXED(&c->ring_index, ring_index);
+    RELAXED(&c->req_payload_len, payload_len);
+    RELAXED(&c->env_mask, env_mask);
+    STORE(&c->req_seq, seq);
+}
+
+uint64_t fv_resp_seq(const fv_ctl *c) { return LOAD(&c->resp_seq); }
+uint64_t fv_heartbeat(const fv_ctl *c) { return LOAD(&c->heartbeat); }
+uint64_t fv_busy_since(const fv_ctl *c) { return LOAD(&c->busy_since_ns); }
+uint64_t fv_req_seq(const fv_ctl *c) { return LOAD(&c->req_seq); }
+
+void fv_begin(fv_ctl *c) { STORE(&c->busy_since_ns, fv_now_ns()); }
+
+void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) {
+    uint64_t started = LOAD(&c->busy_since_ns);
+    uint64_t now = fv_now_ns();
+    RELAXED(&c->status, status);
+    RELAXED(&c->resp_payload_len, payload_len);
+    RELAXED(&c->last_request_ns, started ? now - started : 0);
+    RELAXED(&c->progress, c->progress + 1);
+    RELAXED(&c->busy_since_ns, 0);
+    STORE(&c->resp_seq, seq);
+}
+
+/* ---- heartbeat: a plain pthread, so it beats while the main thread holds the GIL ---- */
+
+typedef struct {
+    fv_ctl *ctl;
+    uint32_t interval_ms;
+    int64_t owner_pid;
+} hb_args;
+
+static hb_args g_hb; /* one heartbeat per worker process */
+
+static void *heartbeat_main(void *arg) {
+    hb_args *a = (hb_args *)arg;
+    struct timespec ts = {a->interval_ms / 1000, (long)(a->interval_ms % 1000) * 1000000L};
+    for (;;) {
+        __atomic_fetch_add(&a->ctl->heartbeat, 1, __ATOMIC_RELEASE);
+        /* The parent check backs up PR_SET_PDEATHSIG, which follows the forking thread
+           (and, under forkserver, the server rather than the vector env's process). */
+        if (a->owner_pid > 0 && kill((pid_t)a->owner_pid, 0) != 0 && errno == ESRCH)
+            _exit(FV_EXIT_ORPHANED);
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) {
+    pthread_t tid;
+    pthread_attr_t attr;
+    sigset_t all, old;
+    g_hb.ctl = c;
+    g_hb.interval_ms = interval_ms ? interval_ms : 1;
+    g_hb.owner_pid = owner_pid;
+    if (pthread_attr_init(&attr) != 0) return FV_RC_THREAD;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    /* Keep signals on the main thread, where Python expects them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&tid, &attr, heartbeat_main, &g_hb);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    return rc == 0 ? FV_RC_OK : FV_RC_THREAD;
+}
+
+int fv_set_parent_death_signal(int sig) {
+    return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 ? FV_RC_OK : FV_RC_SYSCALL;
+}

@@ -1,0 +1,137 @@
+/*
+ * fastvec ring: the control block of one worker slot in shared memory.
+ *
+ * Shared-memory picture (one main segment per FastVectorEnv):
+ *
+ *   [ctl 0][ctl 1]...[ctl W-1]   FV_CTL_SIZE bytes each, one per worker process
+ *   [data: per-leaf batched regions, see fastvec/layout.py]
+ *        obs     [depth][num_envs][leaf shape]   ring of `depth` result slots
+ *        action  [num_envs][leaf shape]
+ *        reward  [depth][num_envs] float64, terminated/truncated [depth][num_envs] uint8
+ *
+ * Byte layout of one control block (little endian, 64-byte aligned, FV_CTL_SIZE = 256).
+ * Fields written by the parent and by the worker sit on different cache lines.
+ *
+ *   off size  field             writer   meaning
+ *     0    4  magic             parent   FV_MAGIC; anything else means "not initialised"
+ *     4    4  version           parent   FV_VERSION
+ *     8    4  worker_index      parent
+ *    12    4  generation        parent   how many times this slot was respawned
+ *    16    8  owner_pid         parent   pid of the parent; the worker exits when it is gone
+ *    24   40  (reserved)
+ *    64    8  req_seq           parent   sequence number of the latest request (stored last, release)
+ *    72    4  opcode            parent   FV_OP_*
+ *    76    4  ring_index        parent   result slot (0..depth-1) the worker writes to
+ *    80    8  req_payload_len   parent   bytes of pickled request arguments in the side buffer
+ *    88    8  env_mask          parent   bit i: the request concerns the worker's env i
+ *    96   32  (reserved)
+ *   128    8  resp_seq          worker   sequence number of the latest finished request (release)
+ *   136    4  status            worker   FV_ST_*
+ *   140    4  worker_pid        worker
+ *   144    8  resp_payload_len  worker   bytes of pickled reply in the side buffer (0: none)
+ *   152    8  busy_since_ns     worker   CLOCK_MONOTONIC ns the current request started; 0 when idle
+ *   160    8  last_request_ns   worker   duration of the latest finished request
+ *   168    8  progress          worker   requests finished since start
+ *   176    8  episodes          worker   episodes finished since start
+ *   184    8  rss_bytes         worker   resident set size after the latest request
+ *   192    8  heartbeat         worker   incremented by a C thread every heartbeat interval
+ *   200    8  payload_cap       worker   current size of the worker's side buffer
+ *   208   48  (reserved)
+ *
+ * Protocol: the parent writes the request fields, then req_seq (release); posts the
+ * worker's request semaphore. The worker reads req_seq (acquire), then the fields;
+ * when done it writes the reply fields, then resp_seq = req_seq (release); posts the
+ * shared done semaphore. A reply is valid only if resp_seq equals the seq the parent
+ * is waiting for, so a late reply of a replaced worker is recognised and dropped.
+ */
+#ifndef FASTVEC_RING_H
+#define FASTVEC_RING_H
+
+#include <stdint.h>
+
+#define FV_MAGIC 0x31525646u /* "FVR1" */
+#define FV_VERSION 1u
+#define FV_CTL_SIZE 256
+
+/* Opcodes: one place, shared by C and Python (fastvec/_ring.pxd re-exports them). */
+enum {
+    FV_OP_NONE = 0,
+    FV_OP_RESET = 1,
+    FV_OP_STEP = 2,
+    FV_OP_CALL = 3,
+    FV_OP_SET_ATTR = 4,
+    FV_OP_CLOSE = 5,
+    FV_OP_READY = 6, /* reply to the worker's own start-up, no request */
+};
+
+/* Reply status. */
+enum {
+    FV_ST_OK = 0,
+    FV_ST_ERROR = 1,     /* the env raised; pickled error in the side buffer */
+    FV_ST_MISMATCH = 2,  /* the env returned data that does not fit its space */
+};
+
+/* Return codes of the C functions. */
+enum {
+    FV_RC_OK = 0,
+    FV_RC_BAD_MAGIC = -1,
+    FV_RC_BAD_VERSION = -2,
+    FV_RC_THREAD = -3,
+    FV_RC_SYSCALL = -4,
+};
+
+/* Exit code of a worker whose parent disappeared. */
+#define FV_EXIT_ORPHANED 75
+
+typedef struct fv_ctl {
+    /* parent line 0 */
+    uint32_t magic;
+    uint32_t version;
+    uint32_t worker_index;
+    uint32_t generation;
+    int64_t owner_pid;
+    uint8_t _r0[40];
+    /* parent line 1: request */
+    uint64_t req_seq;
+    uint32_t opcode;
+    uint32_t ring_index;
+    uint64_t req_payload_len;
+    uint64_t env_mask;
+    uint8_t _r1[32];
+    /* worker line 2: reply */
+    uint64_t resp_seq;
+    int32_t status;
+    int32_t worker_pid;
+    uint64_t resp_payload_len;
+    uint64_t busy_since_ns;
+    uint64_t last_request_ns;
+    uint64_t progress;
+    uint64_t episodes;
+    uint64_t rss_bytes;
+    /* worker line 3: liveness */
+    uint64_t heartbeat;
+    uint64_t payload_cap;
+    uint8_t _r3[48];
+} fv_ctl;
+
+/* Parent side. */
+void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t owner_pid,
+                 uint64_t start_seq);
+int fv_ctl_check(const fv_ctl *c);
+void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
+                uint64_t payload_len, uint64_t env_mask);
+uint64_t fv_resp_seq(const fv_ctl *c);
+uint64_t fv_heartbeat(const fv_ctl *c);
+uint64_t fv_busy_since(const fv_ctl *c);
+
+/* Worker side. */
+uint64_t fv_req_seq(const fv_ctl *c);
+void fv_begin(fv_ctl *c);
+void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len);
+int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
+int fv_set_parent_death_signal(int sig);
+
+/* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
+uint64_t fv_now_ns(void);
+
+#endif

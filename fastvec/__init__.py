@@ -1,0 +1,23 @@
+"""fastvec: a crash-tolerant gymnasium VectorEnv over POSIX shared-memory rings."""
+
+import gymnasium as _gym
+
+from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
+                            InvalidActionError, NoAsyncCallError, PayloadTooLargeError,
+                            RestartBudgetExceeded, SpaceMismatchError, UnsupportedSpaceError,
+                            WaitTimeout, WorkerFailure)
+from fastvec.vector_env import FastVectorEnv, make_vec, vector_entry_point
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FastVectorEnv", "make_vec", "vector_entry_point", "FastVecError", "WorkerFailure",
+    "RestartBudgetExceeded", "ClosedEnvError", "AlreadyPendingCallError", "NoAsyncCallError",
+    "WaitTimeout", "InvalidActionError", "SpaceMismatchError", "UnsupportedSpaceError",
+    "PayloadTooLargeError",
+]
+
+WILDFIRE_ID = "fastvec/Wildfire-v0"
+if WILDFIRE_ID not in _gym.registry:
+    _gym.register(WILDFIRE_ID, entry_point="fastvec.envs.wildfire:WildfireEnv",
+                  vector_entry_point=vector_entry_point(WILDFIRE_ID))

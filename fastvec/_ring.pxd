@@ -1,0 +1,71 @@
+# Mirror of csrc/ring.h, one to one.
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+
+cdef extern from "ring.h" nogil:
+    enum:
+        FV_MAGIC
+        FV_VERSION
+        FV_CTL_SIZE
+        FV_EXIT_ORPHANED
+    enum:
+        FV_OP_NONE
+        FV_OP_RESET
+        FV_OP_STEP
+        FV_OP_CALL
+        FV_OP_SET_ATTR
+        FV_OP_CLOSE
+        FV_OP_READY
+    enum:
+        FV_ST_OK
+        FV_ST_ERROR
+        FV_ST_MISMATCH
+    enum:
+        FV_RC_OK
+        FV_RC_BAD_MAGIC
+        FV_RC_BAD_VERSION
+        FV_RC_THREAD
+        FV_RC_SYSCALL
+
+    ctypedef struct fv_ctl:
+        uint32_t magic
+        uint32_t version
+        uint32_t worker_index
+        uint32_t generation
+        int64_t owner_pid
+        uint64_t req_seq
+        uint32_t opcode
+        uint32_t ring_index
+        uint64_t req_payload_len
+        uint64_t env_mask
+        uint64_t resp_seq
+        int32_t status
+        int32_t worker_pid
+        uint64_t resp_payload_len
+        uint64_t busy_since_ns
+        uint64_t last_request_ns
+        uint64_t progress
+        uint64_t episodes
+        uint64_t rss_bytes
+        uint64_t heartbeat
+        uint64_t payload_cap
+
+    void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation,
+                     int64_t owner_pid, uint64_t start_seq) noexcept
+    int fv_ctl_check(const fv_ctl *c) noexcept
+    void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
+                    uint64_t payload_len, uint64_t env_mask) noexcept
+    uint64_t fv_resp_seq(const fv_ctl *c) noexcept
+    uint64_t fv_heartbeat(const fv_ctl *c) noexcept
+    uint64_t fv_busy_since(const fv_ctl *c) noexcept
+    uint64_t fv_req_seq(const fv_ctl *c) noexcept
+    void fv_begin(fv_ctl *c) noexcept
+    void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) noexcept
+    int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) noexcept
+    int fv_set_parent_death_signal(int sig) noexcept
+    uint64_t fv_now_ns() noexcept
+
+
+cdef class Ctl:
+    cdef fv_ctl *c
+    cdef object _buf
+    cdef fv_ctl *_p(self) except NULL

@@ -1,0 +1,177 @@
+"""Thin wrapper of csrc/ring.h: one control block per worker slot.
+
+This is the one place where ring.h status codes become Python exceptions.
+"""
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from fastvec.errors import RingError
+
+OP_NONE = FV_OP_NONE
+OP_RESET = FV_OP_RESET
+OP_STEP = FV_OP_STEP
+OP_CALL = FV_OP_CALL
+OP_SET_ATTR = FV_OP_SET_ATTR
+OP_CLOSE = FV_OP_CLOSE
+OP_READY = FV_OP_READY
+ST_OK = FV_ST_OK
+ST_ERROR = FV_ST_ERROR
+ST_MISMATCH = FV_ST_MISMATCH
+CTL_SIZE = FV_CTL_SIZE
+MAGIC = FV_MAGIC
+EXIT_ORPHANED = FV_EXIT_ORPHANED
+
+cdef dict _RC_MESSAGES = {
+    FV_RC_BAD_MAGIC: "control block has no fastvec magic (never initialised or overwritten)",
+    FV_RC_BAD_VERSION: "control block was written by another fastvec version",
+    FV_RC_THREAD: "could not start the heartbeat thread",
+    FV_RC_SYSCALL: "a system call failed",
+}
+
+
+cdef int _check(int rc) except -1:
+    if rc != FV_RC_OK:
+        raise RingError(_RC_MESSAGES.get(rc, f"ring error {rc}"))
+    return 0
+
+
+def now_ns():
+    """CLOCK_MONOTONIC in nanoseconds (the clock of busy_since_ns)."""
+    return fv_now_ns()
+
+
+def set_parent_death_signal(int sig):
+    """Ask the kernel to send ``sig`` to this process when its parent thread exits."""
+    _check(fv_set_parent_death_signal(sig))
+
+
+cdef class Ctl:
+    """View of one control block inside a writable buffer (an mmap of the main segment)."""
+
+    def __cinit__(self, buf, Py_ssize_t offset):
+        cdef unsigned char[::1] mv = buf
+        if offset < 0 or offset % 64 or offset + FV_CTL_SIZE > mv.shape[0]:
+            raise ValueError(f"control block at offset {offset} does not fit a "
+                             f"{mv.shape[0]}-byte buffer at 64-byte alignment")
+        self._buf = mv
+        self.c = <fv_ctl *>&mv[offset]
+
+    def release(self):
+        """Drop the reference to the buffer so that the mmap can be closed."""
+        self._buf = None
+        self.c = NULL
+
+    cdef fv_ctl *_p(self) except NULL:
+        if self.c == NULL:
+            raise RingError("control block used after release()")
+        return self.c
+
+    # -- parent side -------------------------------------------------------
+    def init(self, uint32_t worker_index, uint32_t generation, int64_t owner_pid,
+             uint64_t start_seq):
+        fv_ctl_init(self._p(), worker_index, generation, owner_pid, start_seq)
+
+    def check(self):
+        _check(fv_ctl_check(self._p()))
+
+    def request(self, uint64_t seq, uint32_t opcode, uint32_t ring_index,
+                uint64_t payload_len=0, uint64_t env_mask=0):
+        fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask)
+
+    # -- worker side -------------------------------------------------------
+    def begin(self):
+        fv_begin(self._p())
+
+    def complete(self, uint64_t seq, int status, uint64_t payload_len=0):
+        fv_complete(self._p(), seq, status, payload_len)
+
+    def start_heartbeat(self, uint32_t interval_ms, int64_t owner_pid):
+        _check(fv_heartbeat_start(self._p(), interval_ms, owner_pid))
+
+    # -- fields ------------------------------------------------------------
+    @property
+    def req_seq(self):
+        return fv_req_seq(self._p())
+
+    @property
+    def resp_seq(self):
+        return fv_resp_seq(self._p())
+
+    @property
+    def heartbeat(self):
+        return fv_heartbeat(self._p())
+
+    @property
+    def busy_since_ns(self):
+        return fv_busy_since(self._p())
+
+    @property
+    def opcode(self):
+        return self._p().opcode
+
+    @property
+    def ring_index(self):
+        return self._p().ring_index
+
+    @property
+    def env_mask(self):
+        return self._p().env_mask
+
+    @property
+    def req_payload_len(self):
+        return self._p().req_payload_len
+
+    @property
+    def status(self):
+        return self._p().status
+
+    @property
+    def resp_payload_len(self):
+        return self._p().resp_payload_len
+
+    @property
+    def generation(self):
+        return self._p().generation
+
+    @property
+    def owner_pid(self):
+        return self._p().owner_pid
+
+    @property
+    def last_request_ns(self):
+        return self._p().last_request_ns
+
+    @property
+    def progress(self):
+        return self._p().progress
+
+    @property
+    def worker_pid(self):
+        return self._p().worker_pid
+
+    @worker_pid.setter
+    def worker_pid(self, int value):
+        self._p().worker_pid = value
+
+    @property
+    def episodes(self):
+        return self._p().episodes
+
+    @episodes.setter
+    def episodes(self, uint64_t value):
+        self._p().episodes = value
+
+    @property
+    def rss_bytes(self):
+        return self._p().rss_bytes
+
+    @rss_bytes.setter
+    def rss_bytes(self, uint64_t value):
+        self._p().rss_bytes = value
+
+    @property
+    def payload_cap(self):
+        return self._p().payload_cap
+
+    @payload_cap.setter
+    def payload_cap(self, uint64_t value):
+        self._p().payload_cap = value

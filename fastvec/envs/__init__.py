@@ -1,0 +1,1 @@
+"""Workloads shipped with fastvec."""

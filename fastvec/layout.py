@@ -1,0 +1,217 @@
+"""From gymnasium spaces to a fixed byte layout in shared memory.
+
+A space is flattened into *leaves* (Box, Discrete, MultiDiscrete, MultiBinary), walking
+Dict and Tuple in order. Each leaf gets batched regions in the main segment:
+
+    obs    [depth][num_envs][*leaf.shape]   a ring of `depth` result slots
+    action [num_envs][*leaf.shape]
+
+plus, per ring slot, reward (float64), terminated and truncated (bool). The control
+blocks of the workers (csrc/ring.h) come first. Rows of one env are contiguous, so any
+subset of envs can be gathered into a batch (see _raster.gather_rows).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from fastvec import _ring
+from fastvec.errors import InvalidActionError, SpaceMismatchError, UnsupportedSpaceError
+
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One fixed-size array of a (possibly nested) space."""
+
+    path: tuple
+    space: spaces.Space
+    shape: tuple
+    dtype: np.dtype
+
+
+@functools.singledispatch
+def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
+    """The fixed-size leaves of ``space``, depth first, in the space's own order."""
+    raise UnsupportedSpaceError(
+        f"{type(space).__name__} space {space} has no fixed size and cannot be placed in "
+        "shared memory; fastvec supports Box, Discrete, MultiDiscrete, MultiBinary and "
+        "Dict/Tuple of them. Wrap the env so it exposes one of those spaces."
+    )
+
+
+@leaves.register(spaces.Box)
+@leaves.register(spaces.MultiDiscrete)
+@leaves.register(spaces.MultiBinary)
+@leaves.register(spaces.Discrete)
+def _(space, path=()):
+    return [Leaf(path, space, tuple(space.shape), np.dtype(space.dtype))]
+
+
+@leaves.register(spaces.Dict)
+def _(space, path=()):
+    return [leaf for key, sub in space.spaces.items() for leaf in leaves(sub, path + (key,))]
+
+
+@leaves.register(spaces.Tuple)
+def _(space, path=()):
+    return [leaf for i, sub in enumerate(space.spaces) for leaf in leaves(sub, path + (i,))]
+
+
+def flatten(space: spaces.Space, value: Any) -> list:
+    """The leaf values of ``value`` in the order of ``leaves(space)``."""
+    if isinstance(space, spaces.Dict):
+        if not isinstance(value, dict):
+            raise SpaceMismatchError(f"expected a dict for {space}, got {type(value).__name__}")
+        missing = set(space.spaces) - set(value)
+        if missing:
+            raise SpaceMismatchError(f"dict is missing keys {sorted(missing)} of {space}")
+        return [v for key, sub in space.spaces.items() for v in flatten(sub, value[key])]
+    if isinstance(space, spaces.Tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(space.spaces):
+            raise SpaceMismatchError(f"expected a tuple of {len(space.spaces)} for {space}, "
+                                     f"got {type(value).__name__}")
+        return [v for sub, item in zip(space.spaces, value) for v in flatten(sub, item)]
+    return [value]
+
+
+def unflatten(space: spaces.Space, values: list) -> Any:
+    """Inverse of :func:`flatten`: rebuild the nested dict/tuple around leaf values."""
+    it = iter(values)
+
+    def build(sp):
+        if isinstance(sp, spaces.Dict):
+            return {key: build(sub) for key, sub in sp.spaces.items()}
+        if isinstance(sp, spaces.Tuple):
+            return tuple(build(sub) for sub in sp.spaces)
+        return next(it)
+
+    return build(space)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def view(self, buf) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return np.frombuffer(buf, self.dtype, count, self.offset).reshape(self.shape)
+
+
+class Plan:
+    """Where every array of a FastVectorEnv lives in the main segment (picklable)."""
+
+    def __init__(self, obs_space: spaces.Space, act_space: spaces.Space, num_envs: int,
+                 num_workers: int, depth: int):
+        self.obs_leaves = leaves(obs_space)
+        self.act_leaves = leaves(act_space)
+        self.num_envs, self.num_workers, self.depth = num_envs, num_workers, depth
+        offset = _aligned(num_workers * _ring.CTL_SIZE)
+
+        def region(shape, dtype):
+            nonlocal offset
+            r = Region(offset, tuple(shape), np.dtype(dtype))
+            offset = _aligned(offset + r.nbytes)
+            return r
+
+        self.obs = [region((depth, num_envs, *lf.shape), lf.dtype) for lf in self.obs_leaves]
+        self.act = [region((num_envs, *lf.shape), lf.dtype) for lf in self.act_leaves]
+        self.reward = region((depth, num_envs), np.float64)
+        self.terminated = region((depth, num_envs), np.bool_)
+        self.truncated = region((depth, num_envs), np.bool_)
+        self.size = offset
+
+    def views(self, buf) -> "Views":
+        return Views(self, buf)
+
+
+class Views:
+    """numpy arrays over a mapped main segment, laid out by a :class:`Plan`."""
+
+    def __init__(self, plan: Plan, buf):
+        self.obs = [r.view(buf) for r in plan.obs]
+        self.act = [r.view(buf) for r in plan.act]
+        self.reward = plan.reward.view(buf)
+        self.terminated = plan.terminated.view(buf)
+        self.truncated = plan.truncated.view(buf)
+
+    def release(self) -> None:
+        self.obs = self.act = []
+        self.reward = self.terminated = self.truncated = None
+
+
+def write_leaf(dst: np.ndarray, leaf: Leaf, value: Any) -> None:
+    """Write one env's leaf value into its slot row, as SyncVectorEnv's concatenate would."""
+    from fastvec import _raster
+
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if arr.shape != leaf.shape:
+        raise SpaceMismatchError(
+            f"shape {arr.shape} does not fit {leaf.space} (expects {leaf.shape})"
+            + (f" at {'/'.join(map(str, leaf.path))}" if leaf.path else ""))
+    if arr.dtype == leaf.dtype:
+        _raster.copy_into(dst, arr)
+        return
+    try:
+        np.copyto(dst, arr, casting="same_kind")
+    except TypeError as exc:
+        raise SpaceMismatchError(
+            f"dtype {arr.dtype} does not fit {leaf.space} (dtype {leaf.dtype})"
+            + (f" at {'/'.join(map(str, leaf.path))}" if leaf.path else "")) from exc
+
+
+def check_actions(act_leaves: list[Leaf], flat: list, num_envs: int) -> list[np.ndarray]:
+    """Validate a flattened batch of actions; returns them as arrays. Raises InvalidActionError."""
+    out = []
+    for leaf, value in zip(act_leaves, flat):
+        arr = np.asarray(value)
+        where = f" at {'/'.join(map(str, leaf.path))}" if leaf.path else ""
+        want = (num_envs, *leaf.shape)
+        if arr.shape != want:
+            raise InvalidActionError(
+                f"actions{where} have shape {arr.shape}; the batched action space "
+                f"needs {want} ({num_envs} envs x {leaf.space})")
+        if not np.can_cast(arr.dtype, leaf.dtype, casting="same_kind"):
+            raise InvalidActionError(
+                f"actions{where} have dtype {arr.dtype}, which cannot be cast to {leaf.dtype} "
+                f"of {leaf.space}")
+        bad = ~_in_space(leaf.space, arr)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise InvalidActionError(
+                f"action{where} of env {first} is outside {leaf.space}: {arr[first]!r} "
+                f"({int(bad.sum())} of {num_envs} envs out of bounds)")
+        out.append(arr)
+    return out
+
+
+def _in_space(space: spaces.Space, arr: np.ndarray) -> np.ndarray:
+    """Per-env membership of a batched leaf (env axis first)."""
+    axes = tuple(range(1, arr.ndim))
+    if isinstance(space, spaces.Box):
+        ok = (arr >= space.low) & (arr <= space.high)
+    elif isinstance(space, spaces.Discrete):
+        ok = (arr >= space.start) & (arr < space.start + space.n) & (arr == np.floor(arr))
+    elif isinstance(space, spaces.MultiDiscrete):
+        ok = (arr >= space.start) & (arr < space.start + space.nvec) & (arr == np.floor(arr))
+    elif isinstance(space, spaces.MultiBinary):
+        ok = (arr == 0) | (arr == 1)
+    else:  # pragma: no cover - leaves() admits only the four above
+        raise UnsupportedSpaceError(str(space))
+    return np.all(ok, axis=axes) if axes else ok

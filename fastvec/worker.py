@@ -1,0 +1,253 @@
+"""The child side: one process hosting ``k`` envs, answering requests through its ring slot.
+
+Loop: wait on the request semaphore, read the control block (csrc/ring.h), run the
+handler for the opcode, write results into the ring slot the request names, complete
+the block with the request's sequence number, post the shared done semaphore. Nothing is
+pickled on the step path unless an env returns a non-empty info.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import posix_ipc
+from gymnasium.vector import AutoresetMode
+
+from fastvec import _ring
+from fastvec.errors import SpaceMismatchError
+from fastvec.layout import Plan, flatten, unflatten, write_leaf
+from fastvec.shm import Segment, get_pickle, put_pickle
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, sent once at start (pickled by multiprocessing)."""
+
+    worker_index: int
+    env_indices: tuple
+    env_fns: list  # CloudpickleWrapper around each env_fn
+    plan: Plan
+    main_name: str
+    payload_name: str
+    req_sem_name: str
+    done_sem_name: str
+    autoreset_mode: str
+    owner_pid: int
+    generation: int
+    start_seq: int
+    heartbeat_ms: int
+    max_payload_bytes: int
+    single_spaces: tuple  # (observation_space, action_space) the parent batched
+    # None; or ("pending", seeds): reset on the first step (NEXT_STEP autoreset) or the
+    # next seedless reset; or ("now", seeds, ring_index): reset at start, reply with it.
+    initial_reset: tuple | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.mode = AutoresetMode(spec.autoreset_mode)
+        self.main = Segment(spec.main_name)
+        self.payload = Segment(spec.payload_name)
+        self.ctl = _ring.Ctl(self.main.mm, spec.worker_index * _ring.CTL_SIZE)
+        self.ctl.check()
+        self.req_sem = posix_ipc.Semaphore(spec.req_sem_name)
+        self.done_sem = posix_ipc.Semaphore(spec.done_sem_name)
+        self.views = spec.plan.views(self.main.mm)
+        self.obs_leaves = spec.plan.obs_leaves
+        self.act_leaves = spec.plan.act_leaves
+        self.obs_space, self.act_space = spec.single_spaces
+        self.envs: list = []
+        k = len(spec.env_indices)
+        self.autoreset = [False] * k
+        self.pending_seed: list[Any] = [None] * k
+        self.handlers: dict[int, Callable[[int, int], int]] = {
+            _ring.OP_RESET: self.on_reset,
+            _ring.OP_STEP: self.on_step,
+            _ring.OP_CALL: self.on_call,
+            _ring.OP_SET_ATTR: self.on_set_attr,
+            _ring.OP_CLOSE: self.on_close,
+        }
+
+    # -- start-up --------------------------------------------------------------
+    def start(self) -> int:
+        """Build the envs, check their spaces, do the initial reset; returns payload bytes."""
+        self.envs = [fn() for fn in self.spec.env_fns]
+        for j, env in enumerate(self.envs):
+            i = self.spec.env_indices[j]
+            if env.observation_space != self.obs_space:
+                raise SpaceMismatchError(
+                    f"env {i} has observation space {env.observation_space}, but the vector env "
+                    f"was built for {self.obs_space} (from env 0)")
+            if env.action_space != self.act_space:
+                raise SpaceMismatchError(
+                    f"env {i} has action space {env.action_space}, but the vector env was "
+                    f"built for {self.act_space} (from env 0)")
+        init = self.spec.initial_reset
+        if init is None:
+            return 0
+        if init[0] == "pending":
+            for j, seed in enumerate(init[1]):
+                self.pending_seed[j] = seed
+                self.autoreset[j] = self.mode == AutoresetMode.NEXT_STEP
+            return 0
+        _, seeds, ring = init
+        infos = [self._reset_one(j, ring, seed, None) for j, seed in enumerate(seeds)]
+        return self._put_infos(infos)
+
+    # -- handlers: each returns the number of reply payload bytes ----------------
+    def on_reset(self, ring: int, mask: int) -> int:
+        seeds, options = get_pickle(self.payload, self.ctl.req_payload_len)
+        infos: list = [None] * len(self.envs)
+        for j in range(len(self.envs)):
+            if mask >> j & 1:
+                infos[j] = self._reset_one(j, ring, seeds[j], options)
+        return self._put_infos(infos)
+
+    def on_step(self, ring: int, mask: int) -> int:
+        v = self.views
+        infos: list = [None] * len(self.envs)
+        for j, env in enumerate(self.envs):
+            i = self.spec.env_indices[j]
+            if self.autoreset[j]:  # NEXT_STEP: this step is the reset
+                obs, info = env.reset(seed=self._take_seed(j, None))
+                reward, terminated, truncated = 0.0, False, False
+                self.autoreset[j] = False
+            else:
+                action = unflatten(self.act_space, [a[i].copy() for a in v.act])
+                obs, reward, terminated, truncated, info = env.step(action)
+                if terminated or truncated:
+                    self.ctl.episodes = self.ctl.episodes + 1
+                    self.ctl.rss_bytes = _rss_bytes()
+                    if self.mode == AutoresetMode.NEXT_STEP:
+                        self.autoreset[j] = True
+                    elif self.mode == AutoresetMode.SAME_STEP:
+                        final_obs, final_info = obs, info
+                        obs, reset_info = env.reset(seed=self._take_seed(j, None))
+                        info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
+            self._write_obs(i, ring, obs)
+            v.reward[ring, i] = reward
+            v.terminated[ring, i] = terminated
+            v.truncated[ring, i] = truncated
+            if info:
+                infos[j] = info
+        return self._put_infos(infos)
+
+    def on_call(self, ring: int, mask: int) -> int:
+        name, args, kwargs = get_pickle(self.payload, self.ctl.req_payload_len)
+        results = []
+        for env in self.envs:
+            attr = env.get_wrapper_attr(name)
+            results.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return put_pickle(self.payload, results, self.spec.max_payload_bytes)
+
+    def on_set_attr(self, ring: int, mask: int) -> int:
+        name, values = get_pickle(self.payload, self.ctl.req_payload_len)
+        for env, value in zip(self.envs, values):
+            env.set_wrapper_attr(name, value)
+        return 0
+
+    def on_close(self, ring: int, mask: int) -> int:
+        for env in self.envs:
+            env.close()
+        self.envs = []
+        return 0
+
+    # -- helpers -----------------------------------------------------------------
+    def _take_seed(self, j: int, seed):
+        if seed is None and self.pending_seed[j] is not None:
+            seed = self.pending_seed[j]
+        self.pending_seed[j] = None
+        return seed
+
+    def _reset_one(self, j: int, ring: int, seed, options) -> dict | None:
+        i = self.spec.env_indices[j]
+        obs, info = self.envs[j].reset(seed=self._take_seed(j, seed), options=options)
+        self.autoreset[j] = False
+        self._write_obs(i, ring, obs)
+        return info or None
+
+    def _write_obs(self, i: int, ring: int, obs) -> None:
+        try:
+            for leaf, region, value in zip(self.obs_leaves, self.views.obs,
+                                           flatten(self.obs_space, obs)):
+                write_leaf(region[ring, i], leaf, value)
+        except SpaceMismatchError as exc:
+            raise SpaceMismatchError(f"env {i} returned an observation that does not fit "
+                                     f"{self.obs_space}: {exc}") from None
+
+    def _put_infos(self, infos: list) -> int:
+        if not any(infos):
+            return 0
+        return put_pickle(self.payload, infos, self.spec.max_payload_bytes)
+
+    # -- the loop ----------------------------------------------------------------
+    def reply_error(self, seq: int, exc: BaseException) -> None:
+        status = _ring.ST_MISMATCH if isinstance(exc, SpaceMismatchError) else _ring.ST_ERROR
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            n = put_pickle(self.payload, (exc, tb), self.spec.max_payload_bytes)
+        except Exception:  # the exception itself does not pickle: send its text
+            n = put_pickle(self.payload, (None, f"{tb}\n({type(exc).__qualname__}: {exc})"),
+                           self.spec.max_payload_bytes)
+        self.ctl.complete(seq, status, n)
+        self.done_sem.release()
+
+    def serve(self) -> None:
+        ctl, handlers = self.ctl, self.handlers
+        while True:
+            self.req_sem.acquire()
+            seq = ctl.req_seq
+            op = ctl.opcode
+            ctl.begin()
+            try:
+                n = handlers[op](ctl.ring_index, ctl.env_mask)
+            except BaseException as exc:  # reported to the parent, which applies its policy
+                self.reply_error(seq, exc)
+                continue
+            ctl.complete(seq, _ring.ST_OK, n)
+            self.done_sem.release()
+            if op == _ring.OP_CLOSE:
+                return
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process (importable, so it works under spawn and forkserver)."""
+    # Ctrl-C goes to the whole process group; only the parent should act on it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        _ring.set_parent_death_signal(signal.SIGKILL)
+    worker = Worker(spec)
+    worker.ctl.worker_pid = os.getpid()
+    worker.ctl.payload_cap = worker.payload.size
+    worker.ctl.start_heartbeat(spec.heartbeat_ms, spec.owner_pid)
+    worker.ctl.rss_bytes = _rss_bytes()
+    worker.ctl.begin()
+    try:
+        n = worker.start()
+    except BaseException as exc:
+        worker.reply_error(spec.start_seq, exc)
+        # A worker that cannot build its envs has nothing to serve; wait to be reaped.
+        signal.pause()
+        return
+    worker.ctl.complete(spec.start_seq, _ring.ST_OK, n)
+    worker.done_sem.release()
+    worker.serve()
+    os._exit(0)  # skip interpreter teardown of env libraries; the parent owns all cleanup
