@@ -54,7 +54,7 @@ def describe_exit(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        hint = {"SIGKILL": " (killed; the OOM killer sends this too)",
+        hint = {"SIGKILL": " (sent by a user or by the kernel's OOM killer)",
                 "SIGSEGV": " (segmentation fault in native code)",
                 "SIGBUS": " (bus error; is /dev/shm full?)",
                 "SIGABRT": " (aborted)"}.get(name, "")
@@ -306,12 +306,12 @@ class Supervisor:
                     os.read(self._wake_r, 4096)
                     continue
                 slot, gen = watched[r]
-                proc = slot.process
-                code = proc.exitcode if proc is not None else None
-                if proc is not None and code is None:
-                    proc.join(0.05)
-                    code = proc.exitcode
-                self._flag(slot, gen, Failure("died", describe_exit(code), code))
+                with self.lock:  # the main thread may be replacing this very process
+                    if slot.generation != gen or slot.process is None:
+                        continue
+                    slot.process.join(0.05)  # reap it, so the exit status is known
+                    code = slot.process.exitcode
+                    self._flag(slot, gen, Failure("died", describe_exit(code), code))
             self._check_liveness()
 
     def _check_liveness(self) -> None:

@@ -1,0 +1,61 @@
+"""Shared fixtures: every test must leave /dev/shm, processes and fds as it found them."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import psutil
+import pytest
+
+from fastvec.shm import leftovers
+
+MY_PREFIXES = (f"fv{os.getpid()}_", f"sem.fv{os.getpid()}_")
+
+
+def my_leftovers() -> list[str]:
+    return [n for n in leftovers() if n.startswith(MY_PREFIXES)]
+
+
+def worker_children() -> list[psutil.Process]:
+    """Live children of this process, minus multiprocessing's own helpers."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.Error:
+            continue
+        if "resource_tracker" in cmd or "forkserver" in cmd:
+            continue
+        out.append(child)
+    return out
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves fastvec segments, semaphores or worker processes behind."""
+    yield
+    gc.collect()
+    assert wait_until(lambda: not my_leftovers(), 5.0), f"leaked in /dev/shm: {my_leftovers()}"
+    assert wait_until(lambda: not worker_children(), 5.0), \
+        f"leaked processes: {[p.pid for p in worker_children()]}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    gc.collect()
+    left = my_leftovers()
+    if left:
+        print(f"\nfastvec leftovers in /dev/shm at the end of the session: {left}")
+        session.exitstatus = 1

@@ -1,0 +1,108 @@
+"""Envs that inject real faults into their worker process (module level: they pickle under spawn).
+
+Every fault here is real: signals to the worker itself, a null-pointer read, os._exit, an
+endless sleep or busy loop, an exception. A fault fires once per marker file, so the
+respawned worker (which rebuilds the env from the same env_fn) does not fault again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+FAULTS = ("sigkill", "exit", "segfault", "sigstop", "sleep", "busy", "exception")
+
+
+def do_fault(kind: str) -> None:
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "exit":
+        os._exit(3)
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "sigstop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif kind == "sleep":
+        time.sleep(10**6)
+    elif kind == "busy":
+        while True:
+            pass
+    elif kind == "exception":
+        raise RuntimeError("injected fault: exception in step")
+    elif kind.startswith("slow:"):
+        time.sleep(float(kind[5:]))
+    else:
+        raise ValueError(kind)
+
+
+class CounterEnv(gym.Env):
+    """Deterministic env whose observation lets a test check every transition.
+
+    obs = [episode_base, t, sum of actions this episode]; reward = action * 0.5 + t.
+    Episodes end (terminated) after a length drawn from the reset seed (20..60 steps).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, command_dir: str | None = None, index: int = 0):
+        self.observation_space = spaces.Box(-1e9, 1e9, (3,), np.float64)
+        self.action_space = spaces.Discrete(5)
+        self.command_dir = command_dir
+        self.index = index
+        self._state = np.zeros(3)
+        self._len = 40
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._len = int(self.np_random.integers(20, 61))
+        self._state = np.array([float(self.np_random.integers(0, 10**6)), 0.0, 0.0])
+        return self._state.copy(), {}
+
+    def step(self, action):
+        self._maybe_fault()
+        a = int(action)
+        self._state[1] += 1
+        self._state[2] += a
+        t = self._state[1]
+        return self._state.copy(), a * 0.5 + t, bool(t >= self._len), False, {}
+
+    def _maybe_fault(self):
+        if not self.command_dir:
+            return
+        path = os.path.join(self.command_dir, f"env{self.index}.cmd")
+        try:
+            with open(path) as f:
+                kind = f.read().strip()
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        do_fault(kind)
+
+
+class FaultOnceEnv(CounterEnv):
+    """CounterEnv that faults at its ``at_step``-th step unless ``marker`` exists."""
+
+    def __init__(self, fault: str, at_step: int, marker: str):
+        super().__init__()
+        self.fault, self.at_step, self.marker = fault, at_step, marker
+        self._steps = 0
+
+    def step(self, action):
+        self._steps += 1
+        if self._steps == self.at_step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            do_fault(self.fault)
+        return super().step(action)
+
+
+class AlwaysFailEnv(CounterEnv):
+    """Raises in every step: a deterministic bug that must exhaust the restart budget."""
+
+    def step(self, action):
+        raise ValueError("deterministic bug")
