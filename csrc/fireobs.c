@@ -1,8 +1,6 @@
 /* Observation raster of the wildfire env; layout and channel meanings are in fireobs.h. */
 #include "fireobs.h"
 
-#include <math.h>
-
 #define AT(r, y, x) ((r).data[(ptrdiff_t)(y) * (r).row_stride + (x)])
 
 /* Written so that NaN compares false and lands on 0. */
@@ -40,15 +38,15 @@ static inline int open_cell(const fireobs_input *in, int y, int x)
 /* Channels 0-4 of cell (y, x); the wind planes are constant and set by the callers. */
 static inline void cell_values(const fireobs_input *in, int y, int x, float v[5])
 {
-    const int burned = AT(in->phi, y, x) < 0.0f;
+    const float arrival = AT(in->arrival, y, x);
     int front = 0;
-    if (burned)
+    if (AT(in->phi, y, x) < 0.0f)
         front = (y > 0 && open_cell(in, y - 1, x)) || (y + 1 < in->rows && open_cell(in, y + 1, x))
              || (x > 0 && open_cell(in, y, x - 1)) || (x + 1 < in->cols && open_cell(in, y, x + 1));
     v[FIREOBS_FUEL] = clamp01(AT(in->fuel, y, x));
-    v[FIREOBS_BURNED] = (float)burned;
+    v[FIREOBS_BURNED] = arrival == arrival ? 1.0f : 0.0f;  /* false only for NaN */
     v[FIREOBS_FRONT] = (float)front;
-    v[FIREOBS_ARRIVAL] = burned ? clamp01(AT(in->arrival, y, x) * in->arrival_scale) : 0.0f;
+    v[FIREOBS_ARRIVAL] = clamp01(arrival * in->arrival_scale);
     v[FIREOBS_ELEVATION] = clamp01(AT(in->elevation, y, x));
 }
 
@@ -73,8 +71,9 @@ int fireobs_build_f32(const fireobs_input *in, float *out)
     return FIREOBS_OK;
 }
 
-static inline uint8_t u8_01(float v) { return (uint8_t)floorf(255.0f * v + 0.5f); }
-static inline uint8_t u8_11(float v) { return (uint8_t)floorf(127.5f * (v + 1.0f) + 0.5f); }
+/* v is already clamped, so the sums are in [0.5, 255.5] and truncation rounds half up. */
+static inline uint8_t u8_01(float v) { return (uint8_t)(255.0f * v + 0.5f); }
+static inline uint8_t u8_11(float v) { return (uint8_t)(127.5f * (v + 1.0f) + 0.5f); }
 
 int fireobs_build_u8(const fireobs_input *in, uint8_t *out)
 {

@@ -7,16 +7,18 @@
  *
  *   ch  name       float32 value                                               range
  *   0   FUEL       fuel[y][x]: fuel load, 0 = not burnable (rock, water, break)    [0, 1]
- *   1   BURNED     1 if phi < 0 else 0                                             {0, 1}
- *   2   FRONT      1 if burned and a 4-neighbour inside the grid is unburned       {0, 1}
- *                  (phi >= 0) with fuel > 0, else 0
- *   3   ARRIVAL    arrival * arrival_scale if burned and arrival is not NaN,       [0, 1]
- *                  else 0 (pyretechnics leaves unburned cells NaN)
+ *   1   BURNED     1 if the cell has an arrival time (not NaN), else 0             {0, 1}
+ *   2   FRONT      1 if phi < 0 and a 4-neighbour inside the grid has phi >= 0     {0, 1}
+ *                  and fuel > 0, else 0
+ *   3   ARRIVAL    arrival * arrival_scale, 0 where arrival is NaN                  [0, 1]
  *   4   ELEVATION  elevation[y][x]                                                 [0, 1]
  *   5   WIND_U     wind_u, the eastward part of where the wind blows to            [-1, 1]
  *   6   WIND_V     wind_v, the northward part                                      [-1, 1]
  *
- * Every value is clamped to its range; NaN inputs give 0. The uint8 variant scales [0, 1]
+ * BURNED reads arrival, not phi: pyretechnics sometimes lets a burned cell's phi climb back
+ * above 0 (seen next to the grid edge and around breaks), but never clears an arrival time.
+ * FRONT reads phi like pyretechnics' own frontier. Every value is clamped to its range; NaN
+ * inputs give 0. The uint8 variant scales [0, 1]
  * channels as round(255 * v) and [-1, 1] channels as round(127.5 * (v + 1)), so 0 -> 128.
  *
  * Inputs are float32 rasters of at least rows x cols, given by a pointer to element [0][0]

@@ -59,6 +59,36 @@ uint64_t fv_heartbeat(const fv_ctl *c) { return LOAD(&c->heartbeat); }
 uint64_t fv_busy_since(const fv_ctl *c) { return LOAD(&c->busy_since_ns); }
 uint64_t fv_req_seq(const fv_ctl *c) { return LOAD(&c->req_seq); }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spin_ns) {
+    uint64_t v = LOAD(p);
+    if (v != seq || spin_ns == 0) return v;
+    uint64_t deadline = fv_now_ns() + spin_ns;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            cpu_relax();
+            v = LOAD(p);
+            if (v != seq) return v;
+        }
+        if (fv_now_ns() >= deadline) return v;
+    }
+}
+
+uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) {
+    return spin_until_changed(&c->req_seq, seq, spin_ns);
+}
+
+uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) {
+    return spin_until_changed(&c->resp_seq, seq, spin_ns);
+}
+
 void fv_begin(fv_ctl *c) { STORE(&c->busy_since_ns, fv_now_ns()); }
 
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) {

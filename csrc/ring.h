@@ -131,6 +131,13 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len);
 int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
 int fv_set_parent_death_signal(int sig);
 
+/* Spin (no syscall) until req_seq / resp_seq differs from `seq` or `spin_ns` passed.
+   Returns the new value, or `seq` if the spin ran out. Waking a sleeping process costs
+   tens of microseconds on some VMs, so a short spin before blocking on the semaphore
+   pays off, but only while spinners do not outnumber cores (the caller decides). */
+uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
+uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
+
 /* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
 uint64_t fv_now_ns(void);
 

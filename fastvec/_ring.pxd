@@ -62,6 +62,8 @@ cdef extern from "ring.h" nogil:
     void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) noexcept
     int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) noexcept
     int fv_set_parent_death_signal(int sig) noexcept
+    uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
+    uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
     uint64_t fv_now_ns() noexcept
 
 

@@ -77,6 +77,22 @@ cdef class Ctl:
                 uint64_t payload_len=0, uint64_t env_mask=0):
         fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask)
 
+    def spin_resp(self, uint64_t seq, uint64_t spin_ns):
+        """Spin without the GIL until resp_seq != seq or spin_ns pass; returns resp_seq."""
+        cdef fv_ctl *c = self._p()
+        cdef uint64_t v
+        with nogil:
+            v = fv_spin_resp(c, seq, spin_ns)
+        return v
+
+    def spin_req(self, uint64_t seq, uint64_t spin_ns):
+        """Spin without the GIL until req_seq != seq or spin_ns pass; returns req_seq."""
+        cdef fv_ctl *c = self._p()
+        cdef uint64_t v
+        with nogil:
+            v = fv_spin_req(c, seq, spin_ns)
+        return v
+
     # -- worker side -------------------------------------------------------
     def begin(self):
         fv_begin(self._p())

@@ -103,7 +103,7 @@ class Supervisor:
                  env_fns: list, autoreset_mode: str, single_spaces: tuple,
                  heartbeat_interval: float, heartbeat_timeout: float, step_timeout: float | None,
                  start_timeout: float, max_restarts: int, restart_window: float,
-                 max_payload_bytes: int, daemon: bool = True):
+                 max_payload_bytes: int, spin_us: float = 0.0, daemon: bool = True):
         self.ctx = ctx
         self.prefix = prefix
         self.names = names
@@ -119,6 +119,7 @@ class Supervisor:
         self.restart_window = restart_window
         self.max_payload_bytes = max_payload_bytes
         self.daemon = daemon
+        self.spin_ns = int(spin_us * 1000)
         self.seq = 0
         self.lock = threading.RLock()
         self.slots: list[Slot] = []
@@ -172,7 +173,7 @@ class Supervisor:
                 generation=slot.generation, start_seq=start_seq,
                 heartbeat_ms=max(1, int(self.heartbeat_interval * 1000)),
                 max_payload_bytes=self.max_payload_bytes, single_spaces=self.single_spaces,
-                initial_reset=initial_reset)
+                initial_reset=initial_reset, spin_ns=self.spin_ns)
             proc = self.ctx.Process(target=worker_main, args=(spec,), daemon=self.daemon,
                                     name=f"fastvec-worker-{slot.index}")
             proc.start()
@@ -237,8 +238,10 @@ class Supervisor:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem = self.done_sem
+        sem, spin = self.done_sem, self.spin_ns
         for slot in slots:
+            if spin:
+                slot.ctl.spin_resp(slot.expected - 1, spin)
             while slot.ctl.resp_seq != slot.expected:
                 if slot.failure is not None:
                     failed.append(slot)
@@ -260,6 +263,12 @@ class Supervisor:
             else:
                 if slot.ctl.status != _ring.ST_OK:
                     failed.append(slot)
+        if spin:  # drain posts that spinning overtook, so the count stays bounded
+            for _ in range(len(slots)):
+                try:
+                    sem.acquire(0)
+                except posix_ipc.BusyError:
+                    break
         return failed
 
     def record_latency(self, slots: list[Slot]) -> None:

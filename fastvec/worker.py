@@ -46,6 +46,7 @@ class WorkerSpec:
     heartbeat_ms: int
     max_payload_bytes: int
     single_spaces: tuple  # (observation_space, action_space) the parent batched
+    spin_ns: int = 0  # spin this long for the next request before blocking
     # None; or ("pending", seeds): reset on the first step (NEXT_STEP autoreset) or the
     # next seedless reset; or ("now", seeds, ring_index): reset at start, reply with it.
     initial_reset: tuple | None = None
@@ -202,11 +203,30 @@ class Worker:
         self.ctl.complete(seq, status, n)
         self.done_sem.release()
 
+    def next_request(self, last: int) -> int:
+        """Wait for a request newer than ``last``: spin briefly, then block on the semaphore.
+
+        The semaphore is only a wake-up hint; req_seq is the truth. A post that a spin
+        overtook is drained here or returns a later acquire early; either way counts stay
+        bounded and no request is missed.
+        """
+        ctl, spin = self.ctl, self.spec.spin_ns
+        while True:
+            seq = ctl.spin_req(last, spin) if spin else ctl.req_seq
+            if seq != last:
+                if spin:
+                    try:
+                        self.req_sem.acquire(0)
+                    except posix_ipc.BusyError:
+                        pass
+                return seq
+            self.req_sem.acquire()
+
     def serve(self) -> None:
         ctl, handlers = self.ctl, self.handlers
+        seq = self.spec.start_seq - 1  # the request sequence as ctl.init left it
         while True:
-            self.req_sem.acquire()
-            seq = ctl.req_seq
+            seq = self.next_request(seq)
             op = ctl.opcode
             ctl.begin()
             try:
