@@ -2,6 +2,16 @@
 
 import gymnasium as _gym
 
+try:
+    from fastvec import _raster, _ring  # noqa: F401  (compiled; there is no Python fallback)
+except ImportError as _exc:  # pragma: no cover - depends on how fastvec was installed
+    import os as _os
+
+    raise ImportError(
+        f"fastvec's compiled extensions are missing from {_os.path.dirname(__file__)}. This "
+        "is the source tree: run from another directory after `pip install .`, or build in "
+        "place with `python setup.py build_ext --inplace`.") from _exc
+
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, PayloadTooLargeError,
                             RestartBudgetExceeded, SpaceMismatchError, UnsupportedSpaceError,

@@ -249,7 +249,7 @@ PARENT_SCRIPT = textwrap.dedent("""
 def test_parent_sigkill_leaves_no_worker_and_next_instance_sweeps(context):
     tests = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT.format(tests=tests, context=context)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, cwd=tests)  # not the source tree
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2

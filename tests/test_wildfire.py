@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 fire = pytest.mark.fire
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # not the repo root: that would import the source tree
 
 
 @pytest.fixture(autouse=True)
@@ -498,7 +498,7 @@ except ImportError as exc:
 else:
     raise SystemExit("no ImportError")
 """
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert 'pip install "fastvec[fire]"' in res.stdout
