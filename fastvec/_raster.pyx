@@ -12,9 +12,22 @@ from fastvec._raster cimport *
 
 
 cdef str _fmt(const Py_buffer *b):
+    """Kind of the items ('i' signed, 'u' unsigned, 'f' float, '?' bool, else the format).
+
+    Format letters differ for equal dtypes (int64 is 'l' or 'q'); the item size is
+    compared separately.
+    """
     f = (<bytes>b.format).decode() if b.format != NULL else "B"
     # '@', '=' and '<' mean the same on the little-endian machines we build for.
-    return f.lstrip("@=<")
+    f = f.lstrip("@=<")
+    if len(f) == 1:
+        if f in "bhilqn":
+            return "i"
+        if f in "BHILQN":
+            return "u"
+        if f in "efd":
+            return "f"
+    return f
 
 
 cdef int _raise(int rc) except -1:

@@ -75,8 +75,10 @@ def flatten(space: spaces.Space, value: Any) -> list:
         return [v for key, sub in space.spaces.items() for v in flatten(sub, value[key])]
     if isinstance(space, spaces.Tuple):
         if not isinstance(value, (tuple, list)) or len(value) != len(space.spaces):
+            got = (f"{type(value).__name__} of length {len(value)}"
+                   if isinstance(value, (tuple, list)) else type(value).__name__)
             raise SpaceMismatchError(f"expected a tuple of {len(space.spaces)} for {space}, "
-                                     f"got {type(value).__name__}")
+                                     f"got a {got}")
         return [v for sub, item in zip(space.spaces, value) for v in flatten(sub, item)]
     return [value]
 

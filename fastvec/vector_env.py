@@ -34,7 +34,8 @@ from gymnasium.vector.utils import CloudpickleWrapper, batch_space
 
 from fastvec import _ring
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
-                            NoAsyncCallError, RemoteTraceback, SpaceMismatchError, WorkerFailure)
+                            InvalidActionError, NoAsyncCallError, RemoteTraceback,
+                            RestartBudgetExceeded, SpaceMismatchError, WorkerFailure)
 from fastvec.layout import Plan, check_actions, flatten, unflatten
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
 from fastvec.supervisor import Failure, Slot, Supervisor, log
@@ -286,18 +287,16 @@ class FastVectorEnv(VectorEnv):
             self._recycle_due(mask, None)
 
         r = (self._ring + 1) % self.ring_depth
-        active = []
+        requests = []
         for slot in self._sup.slots:
-            bits = 0
-            for j, i in enumerate(slot.env_indices):
-                if mask[i]:
-                    bits |= 1 << j
-            if not bits:
-                continue
-            payload = ([seeds[i] for i in slot.env_indices], options)
-            nbytes = put_pickle(slot.payload, payload, self._sup.max_payload_bytes)
+            bits = sum(1 << j for j, i in enumerate(slot.env_indices) if mask[i])
+            if bits:
+                payload = ([seeds[i] for i in slot.env_indices], options)
+                requests.append((slot, bits, put_pickle(slot.payload, payload,
+                                                        self._sup.max_payload_bytes)))
+        for slot, bits, nbytes in requests:  # all payloads fit: now send
             self._sup.request(slot, _ring.OP_RESET, r, nbytes, bits)
-            active.append(slot)
+        active = [slot for slot, _, _ in requests]
         self._pending = (r, mask, active, seeds, options)
         self._state = State.WAITING_RESET
 
@@ -342,7 +341,11 @@ class FastVectorEnv(VectorEnv):
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended their episode and "
                 "autoreset_mode is DISABLED: reset them first with "
                 "reset(options={'reset_mask': mask})")
-        flat = flatten(self.single_action_space, actions)
+        try:
+            flat = flatten(self.single_action_space, actions)
+        except SpaceMismatchError as exc:
+            raise InvalidActionError(f"actions do not have the structure of {self.action_space}: "
+                                     f"{exc}") from None
         if self.validate_actions:
             flat = check_actions(self._plan.act_leaves, flat, self.num_envs)
         else:
@@ -411,8 +414,9 @@ class FastVectorEnv(VectorEnv):
         if name in ("reset", "step", "close"):
             raise ValueError(f"Trying to call function `{name}` with `call`, "
                              f"use `{name}` directly instead.")
-        for slot in self._sup.slots:
-            n = put_pickle(slot.payload, (name, args, kwargs), self._sup.max_payload_bytes)
+        sizes = [put_pickle(slot.payload, (name, args, kwargs), self._sup.max_payload_bytes)
+                 for slot in self._sup.slots]
+        for slot, n in zip(self._sup.slots, sizes):
             self._sup.request(slot, _ring.OP_CALL, 0, n)
         self._state = State.WAITING_CALL
 
@@ -434,9 +438,9 @@ class FastVectorEnv(VectorEnv):
             raise ValueError("Values must be a list or tuple with length equal to the number of "
                              f"environments. Got `{len(values)}` values for {self.num_envs} "
                              "environments.")
-        for slot in self._sup.slots:
-            vals = [values[i] for i in slot.env_indices]
-            n = put_pickle(slot.payload, (name, vals), self._sup.max_payload_bytes)
+        sizes = [put_pickle(slot.payload, (name, [values[i] for i in slot.env_indices]),
+                            self._sup.max_payload_bytes) for slot in self._sup.slots]
+        for slot, n in zip(self._sup.slots, sizes):  # all payloads fit: now send
             self._sup.request(slot, _ring.OP_SET_ATTR, 0, n)
         self._state = State.WAITING_CALL
         self._gather_calls(self._sup.wait(self._sup.slots, None), results=False)
@@ -474,6 +478,12 @@ class FastVectorEnv(VectorEnv):
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
+
+    def __enter__(self) -> "FastVectorEnv":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close(terminate=exc_info[0] is not None)
 
     def __del__(self):
         # VectorEnv.__del__ would call close(); the finalizer is the backstop instead.
@@ -523,7 +533,10 @@ class FastVectorEnv(VectorEnv):
     def _failure_of(self, slot: Slot) -> Failure:
         if slot.failure is not None:
             return slot.failure
-        exc, tb = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+        try:
+            exc, tb = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+        except Exception as read_err:  # noqa: BLE001 - report, never crash the parent
+            exc, tb = None, f"(the worker's error could not be read: {read_err!r})"
         if slot.ctl.status == _ring.ST_MISMATCH:
             return Failure("mismatch", str(exc), remote=(exc, tb))
         what = f"{type(exc).__name__}: {exc}" if exc is not None else tb.strip().splitlines()[-1]
@@ -531,7 +544,9 @@ class FastVectorEnv(VectorEnv):
 
     def _failure_error(self, slot: Slot, failure: Failure, when: str) -> FastVecError:
         if failure.reason == "mismatch":
-            err: FastVecError = SpaceMismatchError(str(failure.detail))
+            exc = failure.remote[0] if failure.remote else None
+            err: FastVecError = (exc if isinstance(exc, FastVecError)
+                                 else SpaceMismatchError(str(failure.detail)))
         else:
             err = WorkerFailure(
                 f"worker {slot.index} (envs {list(slot.env_indices)}) failed {when}: "
@@ -558,7 +573,12 @@ class FastVectorEnv(VectorEnv):
         if not planned:
             self._restarts[list(slot.env_indices)] += 1
             self._log_failure(slot, failure)
-        self._sup.replace(slot, failure, initial_reset, planned=planned)
+        try:
+            self._sup.replace(slot, failure, initial_reset, planned=planned)
+        except RestartBudgetExceeded:
+            self._state = State.DEFAULT
+            self.close(terminate=True)  # broken for good: later calls raise ClosedEnvError
+            raise
 
     def _log_failure(self, slot: Slot, failure: Failure) -> None:
         recent = [np.array([h[(self._steps - 1 - t) % 4][i] for h in self._action_history],

@@ -9,6 +9,7 @@ pickled on the step path unless an env returns a non-empty info.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -20,7 +21,7 @@ import posix_ipc
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
-from fastvec.errors import SpaceMismatchError
+from fastvec.errors import PayloadTooLargeError, SpaceMismatchError
 from fastvec.layout import Plan, flatten, unflatten, write_leaf
 from fastvec.shm import Segment, get_pickle, put_pickle
 
@@ -181,7 +182,7 @@ class Worker:
         try:
             for leaf, region, value in zip(self.obs_leaves, self.views.obs,
                                            flatten(self.obs_space, obs)):
-                write_leaf(region[ring, i], leaf, value)
+                write_leaf(region[ring, i, ...], leaf, value)  # `...`: a view even for 0-d
         except SpaceMismatchError as exc:
             raise SpaceMismatchError(f"env {i} returned an observation that does not fit "
                                      f"{self.obs_space}: {exc}") from None
@@ -193,11 +194,15 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------
     def reply_error(self, seq: int, exc: BaseException) -> None:
-        status = _ring.ST_MISMATCH if isinstance(exc, SpaceMismatchError) else _ring.ST_ERROR
+        # Data that does not fit (a space, the payload limit) is the caller's to fix: the
+        # parent raises it and keeps this worker. Anything else is a failure of the env.
+        usage = isinstance(exc, (SpaceMismatchError, PayloadTooLargeError))
+        status = _ring.ST_MISMATCH if usage else _ring.ST_ERROR
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
+            pickle.loads(pickle.dumps(exc))  # some exceptions pickle but cannot be rebuilt
             n = put_pickle(self.payload, (exc, tb), self.spec.max_payload_bytes)
-        except Exception:  # the exception itself does not pickle: send its text
+        except Exception:  # send the text instead
             n = put_pickle(self.payload, (None, f"{tb}\n({type(exc).__qualname__}: {exc})"),
                            self.spec.max_payload_bytes)
         self.ctl.complete(seq, status, n)

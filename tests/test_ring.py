@@ -1,0 +1,549 @@
+"""The control block (fastvec._ring.Ctl over csrc/ring.h) and the slot layout of spaces
+(fastvec.layout): byte offsets, field round trips, the heartbeat thread, and properties."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+from gymnasium.utils.env_checker import data_equivalence
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import envs as test_envs
+from conftest import wait_until
+from fastvec import _ring, layout
+from fastvec.errors import InvalidActionError, RingError, SpaceMismatchError, UnsupportedSpaceError
+
+U64 = st.integers(0, 2**64 - 1)
+U32 = st.integers(0, 2**32 - 1)
+
+# Byte offsets documented in csrc/ring.h: name -> (offset, struct format).
+OFFSETS = {
+    "magic": (0, "<I"), "version": (4, "<I"), "worker_index": (8, "<I"),
+    "generation": (12, "<I"), "owner_pid": (16, "<q"),
+    "req_seq": (64, "<Q"), "opcode": (72, "<I"), "ring_index": (76, "<I"),
+    "req_payload_len": (80, "<Q"), "env_mask": (88, "<Q"),
+    "resp_seq": (128, "<Q"), "status": (136, "<i"), "worker_pid": (140, "<i"),
+    "resp_payload_len": (144, "<Q"), "busy_since_ns": (152, "<Q"),
+    "last_request_ns": (160, "<Q"), "progress": (168, "<Q"), "episodes": (176, "<Q"),
+    "rss_bytes": (184, "<Q"), "heartbeat": (192, "<Q"), "payload_cap": (200, "<Q"),
+}
+
+
+def raw(buf, field, base=0):
+    off, fmt = OFFSETS[field]
+    return struct.unpack_from(fmt, buf, base + off)[0]
+
+
+def put_raw(buf, field, value, base=0):
+    off, fmt = OFFSETS[field]
+    struct.pack_into(fmt, buf, base + off, value)
+
+
+def fresh(size=_ring.CTL_SIZE, offset=0, fill=0):
+    buf = bytearray([fill]) * size
+    return buf, _ring.Ctl(buf, offset)
+
+
+# -- constants ---------------------------------------------------------------------------------
+
+
+def test_constants_match_ring_h():
+    assert _ring.CTL_SIZE == 256
+    assert _ring.MAGIC == 0x31525646 and struct.pack("<I", _ring.MAGIC) == b"FVR1"
+    assert (_ring.OP_NONE, _ring.OP_RESET, _ring.OP_STEP, _ring.OP_CALL, _ring.OP_SET_ATTR,
+            _ring.OP_CLOSE, _ring.OP_READY) == (0, 1, 2, 3, 4, 5, 6)
+    assert (_ring.ST_OK, _ring.ST_ERROR, _ring.ST_MISMATCH) == (0, 1, 2)
+    assert _ring.EXIT_ORPHANED == 75
+
+
+def test_fields_sit_on_separate_cache_lines():
+    parent = [o for f, (o, _) in OFFSETS.items() if o < 128]
+    worker = [o for f, (o, _) in OFFSETS.items() if o >= 128]
+    assert max(parent) < 128 <= min(worker)
+    assert OFFSETS["req_seq"][0] % 64 == OFFSETS["resp_seq"][0] % 64 == 0
+    assert OFFSETS["heartbeat"][0] == 192
+
+
+# -- construction, init, check -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset,size", [(-64, 256), (32, 512), (64, 256), (256, 300)])
+def test_bad_offsets_are_refused(offset, size):
+    with pytest.raises(ValueError):
+        _ring.Ctl(bytearray(size), offset)
+
+
+def test_read_only_buffer_is_refused():
+    with pytest.raises((BufferError, ValueError, TypeError)):
+        _ring.Ctl(bytes(256), 0)
+
+
+def test_check_of_an_uninitialised_block_raises_ring_error():
+    _, ctl = fresh()
+    with pytest.raises(RingError, match="magic"):
+        ctl.check()
+
+
+def test_init_then_check_and_corruption():
+    buf, ctl = fresh()
+    ctl.init(3, 7, 12345, 41)
+    ctl.check()
+    assert raw(buf, "magic") == _ring.MAGIC
+    assert raw(buf, "version") == 1
+    assert raw(buf, "worker_index") == 3 and raw(buf, "generation") == 7 == ctl.generation
+    assert raw(buf, "owner_pid") == 12345 == ctl.owner_pid
+    assert ctl.req_seq == ctl.resp_seq == 41
+    buf[0] ^= 0xFF
+    with pytest.raises(RingError, match="magic"):
+        ctl.check()
+    ctl.init(3, 8, 12345, 0)
+    ctl.check()
+    put_raw(buf, "version", 99)
+    with pytest.raises(RingError, match="version"):
+        ctl.check()
+    assert isinstance(RingError("x"), Exception)
+
+
+def test_init_wipes_a_dirty_block():
+    buf, ctl = fresh(fill=0xAB)
+    ctl.init(1, 2, 3, 10)
+    for field in ("opcode", "ring_index", "req_payload_len", "env_mask", "status",
+                  "worker_pid", "resp_payload_len", "busy_since_ns", "last_request_ns",
+                  "progress", "episodes", "rss_bytes", "heartbeat", "payload_cap"):
+        assert raw(buf, field) == 0, field
+    assert bytes(buf[24:64]) == bytes(40), "reserved bytes wiped"
+    assert bytes(buf[208:256]) == bytes(48)
+
+
+def test_two_blocks_in_one_buffer_do_not_interfere():
+    buf = bytearray(3 * _ring.CTL_SIZE)
+    a, b = _ring.Ctl(buf, 0), _ring.Ctl(buf, _ring.CTL_SIZE)
+    a.init(0, 0, 1, 0)
+    b.init(1, 5, 1, 100)
+    a.request(7, _ring.OP_STEP, 1, 0, 1)
+    b.complete(101, _ring.ST_ERROR, 9)
+    assert (a.req_seq, a.resp_seq, a.status, a.progress) == (7, 0, 0, 0)
+    assert (b.req_seq, b.resp_seq, b.status, b.progress) == (100, 101, 1, 1)
+    assert raw(buf, "req_seq", base=_ring.CTL_SIZE) == 100
+    assert bytes(buf[2 * _ring.CTL_SIZE:]) == bytes(_ring.CTL_SIZE)
+
+
+def test_release_then_use_raises_ring_error():
+    _, ctl = fresh()
+    ctl.init(0, 0, 0, 0)
+    ctl.release()
+    with pytest.raises(RingError):
+        ctl.req_seq
+    with pytest.raises(RingError):
+        ctl.request(1, 1, 0)
+
+
+def test_mmap_buffer_can_close_after_release():
+    mm = mmap.mmap(-1, 4096)
+    ctl = _ring.Ctl(mm, 512)
+    ctl.init(2, 0, os.getpid(), 0)
+    assert raw(mm, "worker_index", base=512) == 2
+    ctl.release()
+    mm.close()
+
+
+# -- request and complete -------------------------------------------------------------------------
+
+
+@settings(database=None, max_examples=200, deadline=None)
+@given(seq=U64, op=U32, ring=U32, plen=U64, mask=U64)
+def test_request_fields_round_trip(seq, op, ring, plen, mask):
+    buf, ctl = fresh(512, 256)
+    ctl.init(0, 0, 1, 0)
+    ctl.request(seq, op, ring, plen, mask)
+    assert (ctl.req_seq, ctl.opcode, ctl.ring_index, ctl.req_payload_len, ctl.env_mask) == \
+        (seq, op, ring, plen, mask)
+    base = 256
+    assert struct.unpack_from("<QIIQQ", buf, base + 64) == (seq, op, ring, plen, mask)
+    assert ctl.resp_seq == 0, "a request does not touch the reply line"
+    assert bytes(buf[:256]) == bytes(256), "nothing written outside the block"
+
+
+def test_request_defaults_and_overflow():
+    _, ctl = fresh()
+    ctl.init(0, 0, 1, 0)
+    ctl.request(5, _ring.OP_RESET, 1)
+    assert (ctl.req_payload_len, ctl.env_mask) == (0, 0)
+    with pytest.raises(OverflowError):
+        ctl.request(-1, 0, 0)
+    with pytest.raises(OverflowError):
+        ctl.request(1, 2**32, 0)
+
+
+def test_begin_and_complete_set_reply_and_progress():
+    buf, ctl = fresh()
+    ctl.init(0, 0, 1, 9)
+    assert ctl.busy_since_ns == 0
+    before = _ring.now_ns()
+    ctl.begin()
+    started = ctl.busy_since_ns
+    assert started >= before and raw(buf, "busy_since_ns") == started
+    ctl.complete(10, _ring.ST_ERROR, 1234)
+    after = _ring.now_ns()
+    assert ctl.resp_seq == 10 == raw(buf, "resp_seq")
+    assert ctl.status == _ring.ST_ERROR == raw(buf, "status")
+    assert ctl.resp_payload_len == 1234 == raw(buf, "resp_payload_len")
+    assert ctl.progress == 1 == raw(buf, "progress")
+    assert ctl.busy_since_ns == 0
+    assert 0 <= ctl.last_request_ns <= after - started
+    ctl.complete(11, _ring.ST_OK)  # no begin(): no duration
+    assert (ctl.resp_seq, ctl.status, ctl.resp_payload_len, ctl.progress) == (11, 0, 0, 2)
+    assert ctl.last_request_ns == 0
+    assert ctl.req_seq == 9, "completing does not touch the request line"
+
+
+@settings(database=None, max_examples=100, deadline=None)
+@given(st.lists(st.tuples(U64, st.sampled_from([0, 1, 2]), U64), min_size=1, max_size=20))
+def test_complete_sequence_counts_progress(replies):
+    _, ctl = fresh()
+    ctl.init(0, 0, 1, 0)
+    for n, (seq, status, plen) in enumerate(replies, 1):
+        ctl.begin()
+        ctl.complete(seq, status, plen)
+        assert (ctl.resp_seq, ctl.status, ctl.resp_payload_len, ctl.progress) == \
+            (seq, status, plen, n)
+
+
+@pytest.mark.parametrize("field,value", [("worker_pid", 4242), ("worker_pid", -1),
+                                         ("episodes", 2**40), ("rss_bytes", 123456789),
+                                         ("payload_cap", 65536)])
+def test_worker_setters_write_their_offsets(field, value):
+    buf, ctl = fresh()
+    ctl.init(0, 0, 1, 0)
+    setattr(ctl, field, value)
+    assert getattr(ctl, field) == value == raw(buf, field)
+
+
+@pytest.mark.parametrize("field", ["resp_seq", "heartbeat", "busy_since_ns", "progress",
+                                   "last_request_ns", "episodes", "status"])
+def test_raw_writes_are_read_by_the_properties(field):
+    buf, ctl = fresh()
+    ctl.init(0, 0, 1, 0)
+    value = 77 if field != "status" else 2
+    put_raw(buf, field, value)
+    assert getattr(ctl, field) == value
+
+
+@pytest.mark.skipif(not hasattr(_ring.Ctl, "spin_resp"), reason="no spin in this build")
+def test_spin_returns_the_changed_sequence_or_gives_up():
+    _, ctl = fresh()
+    ctl.init(0, 0, 1, 5)
+    assert ctl.spin_resp(5, 0) == 5 and ctl.spin_req(5, 0) == 5
+    assert ctl.spin_resp(5, 20_000) == 5  # nothing changes: gives up, returns seq
+    ctl.complete(6, _ring.ST_OK)
+    assert ctl.spin_resp(5, 10**12) == 6  # changed already: returns at once
+    ctl.request(9, _ring.OP_STEP, 0)
+    assert ctl.spin_req(5, 10**12) == 9
+
+
+def test_now_ns_does_not_go_backwards():
+    values = [_ring.now_ns() for _ in range(1000)]
+    assert values == sorted(values) and values[0] > 0
+
+
+# -- the heartbeat thread in a child process ---------------------------------------------------
+
+
+def _fork_heartbeat(mm, interval_ms, owner_pid, spin=True):
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            _ring.Ctl(mm, 0).start_heartbeat(interval_ms, owner_pid)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # hold the GIL: a pure Python busy loop
+                if not spin:
+                    time.sleep(0.01)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reap(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def test_heartbeat_grows_in_a_child_while_its_main_thread_is_busy():
+    mm = mmap.mmap(-1, 4096)  # MAP_SHARED: visible across fork
+    ctl = _ring.Ctl(mm, 0)
+    ctl.init(0, 0, os.getpid(), 0)
+    pid = _fork_heartbeat(mm, 2, os.getpid())
+    try:
+        assert wait_until(lambda: ctl.heartbeat >= 5, 10.0), ctl.heartbeat
+        first = ctl.heartbeat
+        assert wait_until(lambda: ctl.heartbeat > first + 3, 10.0)
+        assert raw(mm, "heartbeat") >= first
+        # a stall is a counter that stopped: a stopped process does not beat
+        os.kill(pid, signal.SIGSTOP)
+        os.waitpid(pid, os.WUNTRACED)
+        stopped = ctl.heartbeat
+        time.sleep(0.05)
+        assert ctl.heartbeat == stopped
+        os.kill(pid, signal.SIGCONT)
+        assert wait_until(lambda: ctl.heartbeat > stopped, 10.0)
+    finally:
+        _reap(pid)
+        ctl.release()
+        mm.close()
+
+
+def test_heartbeat_thread_exits_the_child_when_its_owner_is_gone():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    mm = mmap.mmap(-1, 4096)
+    ctl = _ring.Ctl(mm, 0)
+    ctl.init(0, 0, dead, 0)
+    pid = _fork_heartbeat(mm, 2, dead, spin=False)
+    code = None
+
+    def exited():
+        nonlocal code
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            code = os.waitstatus_to_exitcode(status)
+        return code is not None
+
+    try:
+        assert wait_until(exited, 10.0), "the orphaned child should exit on its own"
+        assert code == _ring.EXIT_ORPHANED
+        assert ctl.heartbeat >= 1
+    finally:
+        if code is None:
+            _reap(pid)
+        ctl.release()
+        mm.close()
+
+
+# -- layout: leaves, flatten, unflatten ----------------------------------------------------------
+
+
+def test_leaves_of_a_nested_space():
+    got = [(lf.path, lf.shape, lf.dtype) for lf in layout.leaves(test_envs.nested_obs_space())]
+    assert got == [
+        (("grid",), (2, 3), np.dtype(np.uint8)),
+        (("mode",), (), np.dtype(np.int64)),
+        (("parts", 0), (), np.dtype(np.int64)),
+        (("parts", 1), (2,), np.dtype(np.int64)),
+        (("parts", 2, "bits"), (4,), np.dtype(np.int8)),
+        (("parts", 2, "vel"), (2, 2), np.dtype(np.float64)),
+        (("pos",), (3,), np.dtype(np.float32)),
+    ]
+
+
+@pytest.mark.parametrize("space", [
+    spaces.Text(3), spaces.Sequence(spaces.Discrete(2)),
+    spaces.Graph(spaces.Box(0, 1, (2,)), None),
+    spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Text(2)}),
+    spaces.Tuple((spaces.Discrete(2), spaces.Tuple((spaces.Text(2),)))),
+], ids=["Text", "Sequence", "Graph", "Dict-Text", "Tuple-Tuple-Text"])
+def test_leaves_refuse_spaces_without_fixed_size(space):
+    with pytest.raises(UnsupportedSpaceError, match="Text|Sequence|Graph"):
+        layout.leaves(space)
+
+
+def leaf_spaces():
+    return st.one_of(
+        st.builds(lambda shape, dt: spaces.Box(0 if dt == np.uint8 else -5, 5, tuple(shape), dt),
+                  st.lists(st.integers(1, 3), max_size=3),
+                  st.sampled_from([np.float32, np.float64, np.uint8, np.int16])),
+        st.builds(lambda n, s: spaces.Discrete(n, start=s), st.integers(1, 6),
+                  st.integers(-3, 3)),
+        st.builds(lambda nvec: spaces.MultiDiscrete(nvec),
+                  st.lists(st.integers(1, 5), min_size=1, max_size=3)),
+        st.builds(lambda n: spaces.MultiBinary(n),
+                  st.one_of(st.integers(1, 4), st.lists(st.integers(1, 3), min_size=1,
+                                                       max_size=2))),
+    )
+
+
+def nested_spaces():
+    keys = st.text("abcdefgh", min_size=1, max_size=3)
+    return st.recursive(
+        leaf_spaces(),
+        lambda children: st.one_of(
+            st.lists(children, min_size=1, max_size=3).map(lambda xs: spaces.Tuple(xs)),
+            st.dictionaries(keys, children, min_size=1, max_size=3).map(spaces.Dict),
+        ),
+        max_leaves=8,
+    )
+
+
+@settings(database=None, max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(nested_spaces(), st.integers(0, 2**32 - 1))
+@pytest.mark.filterwarnings("ignore:.*Casting input x to numpy array")  # 0-d Box samples
+def test_flatten_unflatten_round_trip(space, seed):
+    space.seed(seed)
+    value = space.sample()
+    lvs = layout.leaves(space)
+    flat = layout.flatten(space, value)
+    assert len(flat) == len(lvs)
+    for leaf, v in zip(lvs, flat):
+        assert np.asarray(v).shape == leaf.shape
+        assert leaf.space.contains(np.asarray(v) if isinstance(leaf.space, spaces.Box) else v)
+    back = layout.unflatten(space, flat)
+    assert data_equivalence(value, back, exact=True)
+    assert space.contains(back)
+
+
+def test_flatten_mismatches():
+    space = spaces.Dict({"a": spaces.Discrete(2), "b": spaces.Tuple((spaces.Discrete(2),) * 2)})
+    with pytest.raises(SpaceMismatchError, match="missing"):
+        layout.flatten(space, {"a": 1})
+    with pytest.raises(SpaceMismatchError):
+        layout.flatten(space, [1, (0, 1)])
+    with pytest.raises(SpaceMismatchError):
+        layout.flatten(space, {"a": 1, "b": (0,)})
+
+
+# -- layout: Plan ---------------------------------------------------------------------------------
+
+
+def _regions(plan):
+    return [*plan.obs, *plan.act, plan.reward, plan.terminated, plan.truncated]
+
+
+@settings(database=None, max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(nested_spaces(), nested_spaces(), st.integers(1, 9), st.integers(1, 4),
+       st.integers(2, 4))
+def test_plan_regions_are_aligned_disjoint_and_inside(obs_space, act_space, num_envs,
+                                                      workers, depth):
+    workers = min(workers, num_envs)
+    plan = layout.Plan(obs_space, act_space, num_envs, workers, depth)
+    regions = _regions(plan)
+    ctl_end = workers * _ring.CTL_SIZE
+    spans = sorted((r.offset, r.offset + r.nbytes) for r in regions)
+    assert spans[0][0] >= ctl_end
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 <= b0, "regions overlap"
+    for r in regions:
+        assert r.offset % 64 == 0
+        assert r.offset + r.nbytes <= plan.size
+    for r, lf in zip(plan.obs, plan.obs_leaves):
+        assert r.shape == (depth, num_envs, *lf.shape) and r.dtype == lf.dtype
+    for r, lf in zip(plan.act, plan.act_leaves):
+        assert r.shape == (num_envs, *lf.shape) and r.dtype == lf.dtype
+    assert plan.reward.shape == (depth, num_envs) and plan.reward.dtype == np.float64
+    assert plan.terminated.dtype == np.bool_ and plan.truncated.shape == (depth, num_envs)
+    # views over a buffer of plan.size: writing every region touches no other region
+    buf = bytearray(plan.size)
+    views = plan.views(buf)
+    arrays = [*views.obs, *views.act, views.reward, views.terminated, views.truncated]
+    for k, arr in enumerate(arrays):
+        arr.reshape(-1).view(np.uint8)[:] = (k % 250) + 1 if arr.size else 0
+    for k, arr in enumerate(arrays):
+        if arr.size:
+            assert (arr.reshape(-1).view(np.uint8) == (k % 250) + 1).all()
+    assert bytes(buf[:ctl_end]) == bytes(ctl_end), "the control blocks are untouched"
+    views.release()
+
+
+def test_plan_pickles():
+    plan = layout.Plan(test_envs.nested_obs_space(), test_envs.nested_act_space(), 5, 2, 3)
+    again = pickle.loads(pickle.dumps(plan))
+    assert again.size == plan.size
+    assert [r.offset for r in _regions(again)] == [r.offset for r in _regions(plan)]
+
+
+def test_write_leaf_into_a_ring_row_of_every_leaf_type():
+    """What the worker does for each observation leaf: write one env's value into its row
+    of a ring slot, for every leaf type including 0-d (Discrete) leaves."""
+    space = test_envs.nested_obs_space()
+    plan = layout.Plan(space, spaces.Discrete(2), 3, 1, 2)
+    buf = bytearray(plan.size)
+    views = plan.views(buf)
+    space.seed(0)
+    value = space.sample()
+    for leaf, region, v in zip(plan.obs_leaves, views.obs, layout.flatten(space, value)):
+        layout.write_leaf(region[1, 2, ...], leaf, v)  # as the worker does
+    got = layout.unflatten(space, [np.array(region[1, 2]) for region in views.obs])
+    for leaf, x, y in zip(plan.obs_leaves, layout.flatten(space, value),
+                          layout.flatten(space, got)):
+        np.testing.assert_array_equal(np.asarray(x), y, err_msg=str(leaf.path))
+    assert not np.asarray(views.obs[0][0]).any(), "the other ring slot is untouched"
+    views.release()
+
+
+def test_write_leaf_errors_name_the_path():
+    space = spaces.Dict({"img": spaces.Box(0, 255, (2, 2), np.uint8)})
+    plan = layout.Plan(space, spaces.Discrete(2), 1, 1, 2)
+    views = plan.views(bytearray(plan.size))
+    (leaf,) = plan.obs_leaves
+    with pytest.raises(SpaceMismatchError, match="img"):
+        layout.write_leaf(views.obs[0][0, 0], leaf, np.zeros((2, 3), np.uint8))
+    with pytest.raises(SpaceMismatchError, match="img"):
+        layout.write_leaf(views.obs[0][0, 0], leaf, np.zeros((2, 2), np.float64))
+    layout.write_leaf(views.obs[0][0, 0], leaf, np.full((2, 2), 9, np.uint8).T)
+    assert (views.obs[0][0, 0] == 9).all()
+    views.release()
+
+
+# -- layout: check_actions -----------------------------------------------------------------------
+
+
+ACT = spaces.Dict({
+    "move": spaces.Box(-1.0, 1.0, (2,), np.float32),
+    "pick": spaces.Discrete(3, start=-1),
+    "md": spaces.MultiDiscrete([2, 5]),
+    "mb": spaces.MultiBinary(3),
+})
+
+
+def good_batch(n=4):
+    return {"md": np.array([[0, 4]] * n), "mb": np.array([[0, 1, 1]] * n, np.int8),
+            "move": np.zeros((n, 2), np.float32), "pick": np.array([-1, 0, 1, 0][:n])}
+
+
+def check(batch, n=4):
+    lvs = layout.leaves(ACT)
+    return layout.check_actions(lvs, layout.flatten(ACT, batch), n)
+
+
+def test_check_actions_accepts_a_valid_batch():
+    out = check(good_batch())
+    assert [a.shape for a in out] == [(4, 3), (4, 2), (4, 2), (4,)]  # mb, md, move, pick
+    out = check({**good_batch(), "move": [[1, -1]] * 4})  # lists and ints are fine
+    assert out[2].shape == (4, 2)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("move", np.zeros((4, 3), np.float32), r"shape \(4, 3\)"),
+    ("move", np.zeros((3, 2), np.float32), r"shape \(3, 2\)"),
+    ("move", np.array([[0, 0], [0, 1.5], [0, 0], [0, 0]], np.float32), r"env 1"),
+    ("move", np.array([[0, 0], [0, 0], [np.nan, 0], [0, 0]], np.float32), r"env 2"),
+    ("move", np.zeros((4, 2), np.complex64), r"dtype complex64"),
+    ("pick", np.array([-1, 0, 2, 0]), r"env 2"),
+    ("pick", np.array([-2, 0, 1, 0]), r"env 0"),
+    ("pick", np.array([0.0, 0, 1, 0]), r"dtype float64"),
+    ("md", np.array([[0, 4], [0, 4], [0, 4], [2, 0]]), r"env 3"),
+    ("mb", np.array([[0, 1, 2]] * 4, np.int8), r"env 0"),
+    ("mb", np.array([[0, 1, -1]] * 4, np.int8), r"env 0"),
+])
+def test_check_actions_errors(key, value, match):
+    with pytest.raises(InvalidActionError, match=match) as info:
+        check({**good_batch(), key: value})
+    assert key in str(info.value), "the message names the path of the leaf"
+    assert isinstance(info.value, ValueError)
