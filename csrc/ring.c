@@ -12,6 +12,8 @@
 
 _Static_assert(sizeof(fv_ctl) == FV_CTL_SIZE, "fv_ctl must be FV_CTL_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, req_seq) == 64, "request line at 64");
+_Static_assert(offsetof(fv_ctl, flags) == 96, "flags at 96");
+_Static_assert(sizeof(fv_batch) == FV_BATCH_SIZE, "fv_batch must be FV_BATCH_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, resp_seq) == 128, "reply line at 128");
 _Static_assert(offsetof(fv_ctl, heartbeat) == 192, "liveness line at 192");
 
@@ -46,12 +48,19 @@ int fv_ctl_check(const fv_ctl *c) {
 }
 
 void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len, uint64_t env_mask) {
+                uint64_t payload_len, uint64_t env_mask, uint32_t flags) {
     RELAXED(&c->opcode, opcode);
+    RELAXED(&c->flags, flags);
     RELAXED(&c->ring_index, ring_index);
     RELAXED(&c->req_payload_len, payload_len);
     RELAXED(&c->env_mask, env_mask);
     STORE(&c->req_seq, seq);
+}
+
+void fv_batch_arm(fv_batch *b, int32_t n) { STORE(&b->remaining, n); }
+
+int fv_batch_leave(fv_batch *b) {
+    return __atomic_sub_fetch(&b->remaining, 1, __ATOMIC_ACQ_REL) == 0;
 }
 
 uint64_t fv_resp_seq(const fv_ctl *c) { return LOAD(&c->resp_seq); }

@@ -4,6 +4,7 @@
  * Shared-memory picture (one main segment per FastVectorEnv):
  *
  *   [ctl 0][ctl 1]...[ctl W-1]   FV_CTL_SIZE bytes each, one per worker process
+ *   [batch]                      FV_BATCH_SIZE bytes: replies still owed in the current batch
  *   [data: per-leaf batched regions, see fastvec/layout.py]
  *        obs     [depth][num_envs][leaf shape]   ring of `depth` result slots
  *        action  [num_envs][leaf shape]
@@ -24,7 +25,8 @@
  *    76    4  ring_index        parent   result slot (0..depth-1) the worker writes to
  *    80    8  req_payload_len   parent   bytes of pickled request arguments in the side buffer
  *    88    8  env_mask          parent   bit i: the request concerns the worker's env i
- *    96   32  (reserved)
+ *    96    4  flags             parent   FV_REQ_* bits
+ *   100   28  (reserved)
  *   128    8  resp_seq          worker   sequence number of the latest finished request (release)
  *   136    4  status            worker   FV_ST_*
  *   140    4  worker_pid        worker
@@ -43,6 +45,13 @@
  * when done it writes the reply fields, then resp_seq = req_seq (release); posts the
  * shared done semaphore. A reply is valid only if resp_seq equals the seq the parent
  * is waiting for, so a late reply of a replaced worker is recognised and dropped.
+ *
+ * Batches: a request flagged FV_REQ_COUNTED belongs to a batch whose size the parent
+ * armed in the batch block (int32 `remaining` at offset 0). The worker whose reply takes
+ * `remaining` to exactly 0 posts the done semaphore; the others do not, so the parent
+ * wakes once per batch instead of once per worker. Arming it to k < batch size gives
+ * "first k ready". A worker that dies owes its decrement forever: the watchdog posts
+ * instead, and the parent finds the failure through resp_seq.
  */
 #ifndef FASTVEC_RING_H
 #define FASTVEC_RING_H
@@ -52,6 +61,7 @@
 #define FV_MAGIC 0x31525646u /* "FVR1" */
 #define FV_VERSION 1u
 #define FV_CTL_SIZE 256
+#define FV_BATCH_SIZE 64
 
 /* Opcodes: one place, shared by C and Python (fastvec/_ring.pxd re-exports them). */
 enum {
@@ -62,6 +72,11 @@ enum {
     FV_OP_SET_ATTR = 4,
     FV_OP_CLOSE = 5,
     FV_OP_READY = 6, /* reply to the worker's own start-up, no request */
+};
+
+/* Request flags. */
+enum {
+    FV_REQ_COUNTED = 1, /* part of an armed batch: post done only when the batch completes */
 };
 
 /* Reply status. */
@@ -97,7 +112,8 @@ typedef struct fv_ctl {
     uint32_t ring_index;
     uint64_t req_payload_len;
     uint64_t env_mask;
-    uint8_t _r1[32];
+    uint32_t flags;
+    uint8_t _r1[28];
     /* worker line 2: reply */
     uint64_t resp_seq;
     int32_t status;
@@ -114,12 +130,18 @@ typedef struct fv_ctl {
     uint8_t _r3[48];
 } fv_ctl;
 
+typedef struct fv_batch {
+    int32_t remaining;
+    uint8_t _r[60];
+} fv_batch;
+
 /* Parent side. */
 void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t owner_pid,
                  uint64_t start_seq);
 int fv_ctl_check(const fv_ctl *c);
 void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len, uint64_t env_mask);
+                uint64_t payload_len, uint64_t env_mask, uint32_t flags);
+void fv_batch_arm(fv_batch *b, int32_t n);
 uint64_t fv_resp_seq(const fv_ctl *c);
 uint64_t fv_heartbeat(const fv_ctl *c);
 uint64_t fv_busy_since(const fv_ctl *c);
@@ -128,6 +150,8 @@ uint64_t fv_busy_since(const fv_ctl *c);
 uint64_t fv_req_seq(const fv_ctl *c);
 void fv_begin(fv_ctl *c);
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len);
+/* 1 if this reply completed the batch (the caller posts the done semaphore). */
+int fv_batch_leave(fv_batch *b);
 int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
 int fv_set_parent_death_signal(int sig);
 

@@ -6,6 +6,7 @@ cdef extern from "ring.h" nogil:
         FV_MAGIC
         FV_VERSION
         FV_CTL_SIZE
+        FV_BATCH_SIZE
         FV_EXIT_ORPHANED
     enum:
         FV_OP_NONE
@@ -15,6 +16,8 @@ cdef extern from "ring.h" nogil:
         FV_OP_SET_ATTR
         FV_OP_CLOSE
         FV_OP_READY
+    enum:
+        FV_REQ_COUNTED
     enum:
         FV_ST_OK
         FV_ST_ERROR
@@ -37,6 +40,7 @@ cdef extern from "ring.h" nogil:
         uint32_t ring_index
         uint64_t req_payload_len
         uint64_t env_mask
+        uint32_t flags
         uint64_t resp_seq
         int32_t status
         int32_t worker_pid
@@ -52,8 +56,13 @@ cdef extern from "ring.h" nogil:
     void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation,
                      int64_t owner_pid, uint64_t start_seq) noexcept
     int fv_ctl_check(const fv_ctl *c) noexcept
+    ctypedef struct fv_batch:
+        int32_t remaining
+
     void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                    uint64_t payload_len, uint64_t env_mask) noexcept
+                    uint64_t payload_len, uint64_t env_mask, uint32_t flags) noexcept
+    void fv_batch_arm(fv_batch *b, int32_t n) noexcept
+    int fv_batch_leave(fv_batch *b) noexcept
     uint64_t fv_resp_seq(const fv_ctl *c) noexcept
     uint64_t fv_heartbeat(const fv_ctl *c) noexcept
     uint64_t fv_busy_since(const fv_ctl *c) noexcept
@@ -71,3 +80,8 @@ cdef class Ctl:
     cdef fv_ctl *c
     cdef object _buf
     cdef fv_ctl *_p(self) except NULL
+
+
+cdef class Batch:
+    cdef fv_batch *b
+    cdef object _buf

@@ -17,6 +17,8 @@ ST_OK = FV_ST_OK
 ST_ERROR = FV_ST_ERROR
 ST_MISMATCH = FV_ST_MISMATCH
 CTL_SIZE = FV_CTL_SIZE
+BATCH_SIZE = FV_BATCH_SIZE
+REQ_COUNTED = FV_REQ_COUNTED
 MAGIC = FV_MAGIC
 EXIT_ORPHANED = FV_EXIT_ORPHANED
 
@@ -74,8 +76,8 @@ cdef class Ctl:
         _check(fv_ctl_check(self._p()))
 
     def request(self, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len=0, uint64_t env_mask=0):
-        fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask)
+                uint64_t payload_len=0, uint64_t env_mask=0, uint32_t flags=0):
+        fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask, flags)
 
     def spin_resp(self, uint64_t seq, uint64_t spin_ns):
         """Spin without the GIL until resp_seq != seq or spin_ns pass; returns resp_seq."""
@@ -123,6 +125,10 @@ cdef class Ctl:
     @property
     def opcode(self):
         return self._p().opcode
+
+    @property
+    def flags(self):
+        return self._p().flags
 
     @property
     def ring_index(self):
@@ -191,3 +197,33 @@ cdef class Ctl:
     @payload_cap.setter
     def payload_cap(self, uint64_t value):
         self._p().payload_cap = value
+
+
+cdef class Batch:
+    """The batch block: how many counted replies the current batch still owes."""
+
+    def __cinit__(self, buf, Py_ssize_t offset):
+        cdef unsigned char[::1] mv = buf
+        if offset < 0 or offset % 64 or offset + FV_BATCH_SIZE > mv.shape[0]:
+            raise ValueError(f"batch block at offset {offset} does not fit the buffer")
+        self._buf = mv
+        self.b = <fv_batch *>&mv[offset]
+
+    def release(self):
+        self._buf = None
+        self.b = NULL
+
+    def arm(self, int n):
+        if self.b == NULL:
+            raise RingError("batch block used after release()")
+        fv_batch_arm(self.b, n)
+
+    def leave(self):
+        """Count one reply; True if it completed the batch (post the done semaphore)."""
+        if self.b == NULL:
+            raise RingError("batch block used after release()")
+        return fv_batch_leave(self.b) != 0
+
+    @property
+    def remaining(self):
+        return self.b.remaining if self.b != NULL else 0

@@ -7,7 +7,7 @@ Dict and Tuple in order. Each leaf gets batched regions in the main segment:
     action [num_envs][*leaf.shape]
 
 plus, per ring slot, reward (float64), terminated and truncated (bool). The control
-blocks of the workers (csrc/ring.h) come first. Rows of one env are contiguous, so any
+blocks of the workers and the batch block (csrc/ring.h) come first. Rows of one env are contiguous, so any
 subset of envs can be gathered into a batch (see _raster.gather_rows).
 """
 
@@ -124,7 +124,8 @@ class Plan:
         self.obs_leaves = leaves(obs_space)
         self.act_leaves = leaves(act_space)
         self.num_envs, self.num_workers, self.depth = num_envs, num_workers, depth
-        offset = _aligned(num_workers * _ring.CTL_SIZE)
+        self.batch_offset = _aligned(num_workers * _ring.CTL_SIZE)
+        offset = _aligned(self.batch_offset + _ring.BATCH_SIZE)
 
         def region(shape, dtype):
             nonlocal offset

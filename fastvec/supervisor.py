@@ -126,6 +126,7 @@ class Supervisor:
         self.done_sem_name = prefix + "done"
         self.done_sem = create_semaphore(self.done_sem_name)
         names.semaphores.add(self.done_sem_name)
+        self.batch = _ring.Batch(main.mm, plan.batch_offset)
         self.latency = np.zeros((len(slots_envs), _LATENCY_WINDOW), np.int64)
         self.latency_count = 0
         for w, env_indices in enumerate(slots_envs):
@@ -145,10 +146,23 @@ class Supervisor:
         return self.seq
 
     def request(self, slot: Slot, op: int, ring: int, payload_len: int = 0, mask: int | None = None):
+        """One request outside any batch: the worker posts done when it answers."""
         seq = self.next_seq()
         slot.expected = seq
         slot.ctl.request(seq, op, ring, payload_len, slot.env_mask() if mask is None else mask)
         slot.req_sem.release()
+
+    def send(self, items: list) -> None:
+        """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
+        worker to answer posts done, so the parent wakes once for the whole batch."""
+        self.batch.arm(len(items))
+        for slot, op, ring, payload_len, mask in items:
+            seq = self.next_seq()
+            slot.expected = seq
+            slot.ctl.request(seq, op, ring, payload_len,
+                             slot.env_mask() if mask is None else mask, _ring.REQ_COUNTED)
+        for item in items:
+            item[0].req_sem.release()
 
     # -- processes -------------------------------------------------------------------
     def start_slot(self, slot: Slot, initial_reset: tuple | None = None) -> None:
@@ -239,21 +253,27 @@ class Supervisor:
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
         sem, spin = self.done_sem, self.spin_ns
+        # A failed worker never pays its share of the batch counter, so once a failure is
+        # seen the others' replies post nothing: poll in short slices from then on.
+        poll = 1.0
         for slot in slots:
             if spin:
                 slot.ctl.spin_resp(slot.expected - 1, spin)
             while slot.ctl.resp_seq != slot.expected:
                 if slot.failure is not None:
                     failed.append(slot)
+                    poll = 0.002
                     break
+                if poll > 0.002 and any(s.failure is not None for s in slots):
+                    poll = 0.002
                 if deadline is None:
-                    wait = 1.0
+                    wait = poll
                 else:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         raise WaitTimeout(f"no reply from worker {slot.index} "
                                           f"(envs {list(slot.env_indices)}) within {timeout} s")
-                    wait = min(wait, 1.0)
+                    wait = min(wait, poll)
                 try:
                     sem.acquire(wait)
                 except posix_ipc.BusyError:
@@ -410,6 +430,7 @@ class Supervisor:
                 slot.req_sem = None
             slot.ctl.release()
             slot.payload.close()
+        self.batch.release()
         self.done_sem.close()
         for fd in (self._wake_r, self._wake_w):
             try:

@@ -294,8 +294,8 @@ class FastVectorEnv(VectorEnv):
                 payload = ([seeds[i] for i in slot.env_indices], options)
                 requests.append((slot, bits, put_pickle(slot.payload, payload,
                                                         self._sup.max_payload_bytes)))
-        for slot, bits, nbytes in requests:  # all payloads fit: now send
-            self._sup.request(slot, _ring.OP_RESET, r, nbytes, bits)
+        self._sup.send([(slot, _ring.OP_RESET, r, nbytes, bits)  # all payloads fit: send
+                        for slot, bits, nbytes in requests])
         active = [slot for slot, _, _ in requests]
         self._pending = (r, mask, active, seeds, options)
         self._state = State.WAITING_RESET
@@ -355,8 +355,7 @@ class FastVectorEnv(VectorEnv):
             np.copyto(view, arr, casting="unsafe")
             hist[h] = view
         r = (self._ring + 1) % self.ring_depth
-        for slot in self._sup.slots:
-            self._sup.request(slot, _ring.OP_STEP, r)
+        self._sup.send([(slot, _ring.OP_STEP, r, 0, None) for slot in self._sup.slots])
         self._pending = (r,)
         self._state = State.WAITING_STEP
 
@@ -416,8 +415,7 @@ class FastVectorEnv(VectorEnv):
                              f"use `{name}` directly instead.")
         sizes = [put_pickle(slot.payload, (name, args, kwargs), self._sup.max_payload_bytes)
                  for slot in self._sup.slots]
-        for slot, n in zip(self._sup.slots, sizes):
-            self._sup.request(slot, _ring.OP_CALL, 0, n)
+        self._sup.send([(slot, _ring.OP_CALL, 0, n, None) for slot, n in zip(self._sup.slots, sizes)])
         self._state = State.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
@@ -440,8 +438,8 @@ class FastVectorEnv(VectorEnv):
                              "environments.")
         sizes = [put_pickle(slot.payload, (name, [values[i] for i in slot.env_indices]),
                             self._sup.max_payload_bytes) for slot in self._sup.slots]
-        for slot, n in zip(self._sup.slots, sizes):  # all payloads fit: now send
-            self._sup.request(slot, _ring.OP_SET_ATTR, 0, n)
+        self._sup.send([(slot, _ring.OP_SET_ATTR, 0, n, None)  # all payloads fit: send
+                        for slot, n in zip(self._sup.slots, sizes)])
         self._state = State.WAITING_CALL
         self._gather_calls(self._sup.wait(self._sup.slots, None), results=False)
 

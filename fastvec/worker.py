@@ -62,6 +62,7 @@ class Worker:
         self.payload = Segment(spec.payload_name)
         self.ctl = _ring.Ctl(self.main.mm, spec.worker_index * _ring.CTL_SIZE)
         self.ctl.check()
+        self.batch = _ring.Batch(self.main.mm, spec.plan.batch_offset)
         self.req_sem = posix_ipc.Semaphore(spec.req_sem_name)
         self.done_sem = posix_ipc.Semaphore(spec.done_sem_name)
         self.views = spec.plan.views(self.main.mm)
@@ -193,7 +194,12 @@ class Worker:
         return put_pickle(self.payload, infos, self.spec.max_payload_bytes)
 
     # -- the loop ----------------------------------------------------------------
-    def reply_error(self, seq: int, exc: BaseException) -> None:
+    def post_done(self, counted: int) -> None:
+        """Wake the parent, unless this reply is part of a batch that still owes others."""
+        if not counted or self.batch.leave():
+            self.done_sem.release()
+
+    def reply_error(self, seq: int, exc: BaseException, counted: int = 0) -> None:
         # Data that does not fit (a space, the payload limit) is the caller's to fix: the
         # parent raises it and keeps this worker. Anything else is a failure of the env.
         usage = isinstance(exc, (SpaceMismatchError, PayloadTooLargeError))
@@ -206,7 +212,7 @@ class Worker:
             n = put_pickle(self.payload, (None, f"{tb}\n({type(exc).__qualname__}: {exc})"),
                            self.spec.max_payload_bytes)
         self.ctl.complete(seq, status, n)
-        self.done_sem.release()
+        self.post_done(counted)
 
     def next_request(self, last: int) -> int:
         """Wait for a request newer than ``last``: spin briefly, then block on the semaphore.
@@ -233,14 +239,15 @@ class Worker:
         while True:
             seq = self.next_request(seq)
             op = ctl.opcode
+            counted = ctl.flags & _ring.REQ_COUNTED
             ctl.begin()
             try:
                 n = handlers[op](ctl.ring_index, ctl.env_mask)
             except BaseException as exc:  # reported to the parent, which applies its policy
-                self.reply_error(seq, exc)
+                self.reply_error(seq, exc, counted)
                 continue
             ctl.complete(seq, _ring.ST_OK, n)
-            self.done_sem.release()
+            self.post_done(counted)
             if op == _ring.OP_CLOSE:
                 return
 

@@ -199,7 +199,10 @@ def test_non_buffer_arguments_are_refused():
 
 
 def test_too_many_dimensions():
-    src = np.zeros((1,) * 33, np.uint8)
+    try:
+        src = np.zeros((1,) * 33, np.uint8)
+    except ValueError:  # numpy 1.x caps arrays at 32 dims, the kernel's own limit
+        pytest.skip("this numpy cannot build a 33-d array")
     with pytest.raises(ValueError):
         copy_into(np.zeros((1,) * 33, np.uint8), src)
 

@@ -176,10 +176,13 @@ def test_restart_budget(tmp_path):
     env = FastVectorEnv([CounterEnv, AlwaysFailEnv], max_restarts=2, restart_window=60)
     try:
         env.reset(seed=0)
-        with pytest.raises(fastvec.RestartBudgetExceeded, match="max_restarts=2"):
+        with pytest.raises(fastvec.RestartBudgetExceeded, match="failed 3 times") as info:
             for _ in range(10):
                 env.step(np.ones(2, np.int64))
-        assert env.health()[1]["restarts"] == 3
+        assert "max_restarts=2" in str(info.value) and info.value.env_index == 1
+        assert env.closed  # broken for good: it closed itself
+        with pytest.raises(fastvec.ClosedEnvError):
+            env.step(np.ones(2, np.int64))
     finally:
         env.close()
 
@@ -233,6 +236,11 @@ def test_respawns_do_not_accumulate_resources(tmp_path):
         env.close()
 
 
+def same_fastvec_env() -> dict:
+    """Environment for a child Python that imports the fastvec this test imported."""
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastvec.__file__)))
+
+
 PARENT_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
@@ -249,7 +257,7 @@ PARENT_SCRIPT = textwrap.dedent("""
 def test_parent_sigkill_leaves_no_worker_and_next_instance_sweeps(context):
     tests = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT.format(tests=tests, context=context)],
-                            stdout=subprocess.PIPE, text=True, cwd=tests)  # not the source tree
+                            stdout=subprocess.PIPE, text=True, cwd=tests, env=same_fastvec_env())
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2

@@ -8,6 +8,7 @@ skip when pyretechnics is missing. Landscapes in most env tests are hand-made an
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import subprocess
 import sys
@@ -498,7 +499,10 @@ except ImportError as exc:
 else:
     raise SystemExit("no ImportError")
 """
-    res = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+    import fastvec
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastvec.__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert 'pip install "fastvec[fire]"' in res.stdout
