@@ -136,6 +136,7 @@ class Supervisor:
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
+        self.zombies: list = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -210,6 +211,9 @@ class Supervisor:
         proc.join(5.0)
         if proc.exitcode is not None:
             proc.close()
+        else:  # SIGKILLed but not yet gone (uninterruptible sleep): reap it at shutdown
+            log.error("worker %d (pid %d) survived SIGKILL for 5 s", slot.index, proc.pid)
+            self.zombies.append(proc)
         slot.process = None
 
     def replace(self, slot: Slot, failure: Failure, initial_reset: tuple | None,
@@ -424,6 +428,10 @@ class Supervisor:
             slot.process.join(1.0)
         for slot in self.slots:
             self.kill_slot(slot)
+        for proc in self.zombies:
+            proc.join(5.0)
+            if proc.exitcode is not None:
+                proc.close()
         for slot in self.slots:
             if slot.req_sem is not None:
                 slot.req_sem.close()

@@ -384,8 +384,15 @@ class FastVectorEnv(VectorEnv):
             v.terminated[r, idx] = False
             v.truncated[r, idx] = True
         failed_set = set(failed)
+        recycle = self.recycle_after_episodes or self.max_worker_rss
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        ended = v.terminated[r] | v.truncated[r]
         for slot in self._sup.slots:
-            if slot not in failed_set:
+            if slot in failed_set:
+                continue
+            if recycle and same_step and ended[slot.env_indices[0]] and self._recycle_reason(slot):
+                self._recycle_same_step(slot, r, infos)
+            else:
                 self._collect_infos(slot, infos)
         for slot, failure in restarted:
             for i in slot.env_indices:
@@ -396,7 +403,7 @@ class FastVectorEnv(VectorEnv):
         done = terminated | truncated
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= done
-        elif (self.recycle_after_episodes or self.max_worker_rss) and done.any():
+        elif recycle and not same_step and done.any():
             self._recycle_due(done, r)
         self._ring = r
         self._state = State.DEFAULT
@@ -556,14 +563,15 @@ class FastVectorEnv(VectorEnv):
         return err
 
     def _derived_seeds(self, slot: Slot) -> list[int | None]:
-        """Seeds for the envs of a replaced worker, from the original seed and restart count."""
+        """Seeds for the envs of the slot's next worker, from the original seed and the
+        number of replacements (restarts and recycles) of the slot."""
         out = []
         for i in slot.env_indices:
             base = self._base_seeds[i]
             if base is None:
                 out.append(None)
             else:
-                ss = np.random.SeedSequence([base, i, int(self._restarts[i])])
+                ss = np.random.SeedSequence([base, i, slot.generation + 1])
                 out.append(int(ss.generate_state(1, np.uint32)[0]))
         return out
 
@@ -614,22 +622,40 @@ class FastVectorEnv(VectorEnv):
             slot, failure = restarted[0]
             raise self._failure_error(slot, failure, "(the worker was replaced)")
 
+    def _recycle_reason(self, slot: Slot) -> str | None:
+        ctl = slot.ctl
+        if self.recycle_after_episodes and ctl.episodes >= self.recycle_after_episodes:
+            return f"recycled after {ctl.episodes} episodes"
+        if self.max_worker_rss and ctl.rss_bytes > self.max_worker_rss:
+            return f"recycled at {ctl.rss_bytes} bytes resident > max_worker_rss"
+        return None
+
+    def _recycle_same_step(self, slot: Slot, r: int, infos: dict) -> None:
+        """SAME_STEP: the old worker's episode ended in this step; keep its final_obs and
+        final_info, and let a new worker start the next episode in the same step."""
+        (i,) = slot.env_indices
+        n = slot.ctl.resp_payload_len
+        (info,) = get_pickle(slot.payload, n) if n else (None,)
+        self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
+                               if info and key in info}, i)
+        reason = self._recycle_reason(slot)
+        log.info("worker %d (env %d): %s", slot.index, i, reason)
+        self._sup.replace(slot, Failure("recycle", reason), ("now", self._derived_seeds(slot), r),
+                          planned=True)
+        if self._sup.wait([slot], self._sup.start_timeout):
+            raise self._failure_error(slot, self._failure_of(slot), "while recycling")
+        self._collect_infos(slot, infos)
+
     def _recycle_due(self, done: np.ndarray, r: int | None) -> None:
-        """Replace workers that reached their episode or memory limit, at an episode boundary."""
+        """Replace workers that reached their episode or memory limit, at an episode boundary
+        (NEXT_STEP and DISABLED after a step, any mode at a reset)."""
         for slot in self._sup.slots:
             (i,) = slot.env_indices
             if not done[i]:
                 continue
-            ctl = slot.ctl
-            reason = None
-            if self.recycle_after_episodes and ctl.episodes >= self.recycle_after_episodes:
-                reason = f"recycled after {ctl.episodes} episodes"
-            elif self.max_worker_rss and ctl.rss_bytes > self.max_worker_rss:
-                reason = f"recycled at {ctl.rss_bytes} bytes resident > max_worker_rss"
+            reason = self._recycle_reason(slot)
             if reason is None:
                 continue
-            if r is not None and self.autoreset_mode == AutoresetMode.SAME_STEP:
-                continue  # the worker already started its next episode; recycle at a reset
             log.info("worker %d (env %d): %s", slot.index, i, reason)
             initial = ("pending", self._derived_seeds(slot)) if r is not None else None
             self._sup.replace(slot, Failure("recycle", reason), initial, planned=True)

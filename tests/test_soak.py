@@ -29,6 +29,17 @@ KINDS = ("sigkill", "sigstop", "segfault", "exit", "sleep", "busy", "exception",
 N_ENVS = 6
 
 
+def open_fds() -> dict:
+    """This process's open file descriptors and what they point to."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return out
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_soak(tmp_path, context):
     seconds = float(os.environ.get("FASTVEC_SOAK_SECONDS", "60")) / 2  # split over contexts
@@ -36,7 +47,7 @@ def test_soak(tmp_path, context):
     fns = [functools.partial(CounterEnv, str(tmp_path), i) for i in range(N_ENVS)]
     me = psutil.Process()
     FastVectorEnv([CounterEnv], context=context).close()  # multiprocessing's one-time helpers
-    fds0 = me.num_fds()
+    fds0 = open_fds()
     env = FastVectorEnv(fns, context=context, heartbeat_timeout=1.0, step_timeout=2.0,
                         max_restarts=10**6, restart_window=1.0)
     stats = {"context": context, "steps": 0, "episodes": 0, "faults": {}, "flagged": 0,
@@ -105,8 +116,11 @@ def test_soak(tmp_path, context):
     finally:
         env.close()
     assert wait_until(lambda: not my_leftovers() and not worker_children(), 5.0)
-    assert me.num_fds() == fds0
-    stats["leaks"] = {"shm": my_leftovers(), "fds": me.num_fds() - fds0,
+    gc.collect()
+    wait_until(lambda: open_fds() == fds0, 5.0)
+    fds1 = open_fds()
+    assert fds1 == fds0, f"fds opened and not closed: {sorted(set(fds1.items()) - set(fds0.items()))}"
+    stats["leaks"] = {"shm": my_leftovers(), "fds": len(fds1) - len(fds0),
                       "processes": len(worker_children())}
     print(json.dumps(stats))
     report = os.environ.get("FASTVEC_SOAK_REPORT")

@@ -307,3 +307,26 @@ def test_max_worker_rss_recycles():
         assert env.health()[0]["recycles"] >= 2
     finally:
         env.close()
+
+
+def test_recycle_in_same_step_mode_keeps_final_obs():
+    env = FastVectorEnv([CounterEnv] * 2, recycle_after_episodes=1,
+                        autoreset_mode=AutoresetMode.SAME_STEP)
+    try:
+        obs, _ = env.reset(seed=0)
+        ends = 0
+        for _ in range(300):
+            prev = obs
+            obs, rew, term, trunc, info = env.step(np.ones(2, np.int64))
+            assert "worker_restarted" not in info
+            for i in range(2):
+                if term[i]:  # the step ended the episode and already started the next one
+                    ends += i == 0
+                    assert obs[i][1] == 0
+                    np.testing.assert_array_equal(info["final_obs"][i][1], prev[i][1] + 1)
+                else:
+                    assert obs[i][1] == prev[i][1] + 1
+        assert env.health()[0]["recycles"] == ends >= 3
+    finally:
+        env.close()
+
