@@ -586,10 +586,14 @@ class FastVectorEnv(VectorEnv):
             self.close(terminate=True)  # broken for good: later calls raise ClosedEnvError
             raise
 
+    def _recent_actions(self, i: int) -> list:
+        """Env i's last (up to 4) actions, oldest first; one list of leaves per action."""
+        n = min(4, self._steps)
+        return [[h[(self._steps - n + t) % 4][i].tolist() for h in self._action_history]
+                for t in range(n)]
+
     def _log_failure(self, slot: Slot, failure: Failure) -> None:
-        recent = [np.array([h[(self._steps - 1 - t) % 4][i] for h in self._action_history],
-                           dtype=object).tolist()
-                  for t in range(min(4, self._steps)) for i in slot.env_indices][::-1]
+        recent = {i: self._recent_actions(i) for i in slot.env_indices}
         log.warning(
             "worker %d (envs %s, generation %d) failed: %s: %s; seeds %s; restart %d; "
             "last actions (oldest first) %s%s", slot.index, list(slot.env_indices),
