@@ -85,16 +85,19 @@ def flatten(space: spaces.Space, value: Any) -> list:
 
 def unflatten(space: spaces.Space, values: list) -> Any:
     """Inverse of :func:`flatten`: rebuild the nested dict/tuple around leaf values."""
-    it = iter(values)
+    if not isinstance(space, (spaces.Dict, spaces.Tuple)):
+        return values[0]
+    return _build(space, iter(values))
 
-    def build(sp):
-        if isinstance(sp, spaces.Dict):
-            return {key: build(sub) for key, sub in sp.spaces.items()}
-        if isinstance(sp, spaces.Tuple):
-            return tuple(build(sub) for sub in sp.spaces)
-        return next(it)
 
-    return build(space)
+def _build(space: spaces.Space, it) -> Any:
+    # Module level on purpose: a nested recursive closure is a reference cycle that would
+    # keep every returned batch alive until the cycle collector runs.
+    if isinstance(space, spaces.Dict):
+        return {key: _build(sub, it) for key, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(_build(sub, it) for sub in space.spaces)
+    return next(it)
 
 
 def _aligned(n: int) -> int:

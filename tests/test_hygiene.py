@@ -252,3 +252,26 @@ def test_sweep_stale_reports_what_it_removed():
         assert not [n for n in leftovers() if n in removed]
     finally:
         unlink_quietly(seg, sem)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_returned_batches_are_freed_without_the_cycle_collector(nested):
+    """A reference cycle on the step path keeps every copied batch alive until gc runs:
+    gigabytes of heap and page faults on every step with large observations."""
+    import weakref
+
+    fn = test_envs.NestedEnv if nested else test_envs.RasterInfoEnv
+    env = FastVectorEnv([fn] * 2)
+    gc.disable()
+    try:
+        env.reset(seed=0)
+        refs = []
+        for _ in range(5):
+            obs, *_ = env.step(env.action_space.sample())
+            leaf = next(iter(obs.values())) if isinstance(obs, dict) else obs
+            refs.append(weakref.ref(leaf))
+            del obs, leaf, _
+        assert [r() is None for r in refs[:-1]] == [True] * 4
+    finally:
+        gc.enable()
+        env.close()

@@ -1,0 +1,439 @@
+"""Transport micro-benchmark: what a vectorizer costs when the env itself costs nothing.
+
+    python benchmarks/transport.py            # full run, a few minutes on 2 cores
+    python benchmarks/transport.py --quick    # short repeats, fewer sizes
+
+Three parts, all measured in one run so their ratios compare like with like:
+
+1. no-op env (obs (4,) float32, 4x128x128 uint8, 8x128x128 float32) at 2, 8 and 16 envs:
+   env-steps/s of gymnasium Sync, Async (shared memory / pipes) and FastVectorEnv
+   (k = envs_per_worker 1, 4, and 4 with copy=False); ratio vs Async(shared memory).
+   FastVectorEnv k=1 at 16 envs runs 16 workers on the machine's cores: a vectorizer that
+   busy-waits collapses there; one that blocks does not.
+2. CPU-bound env (about 1 ms of Python per step) at 8 envs: efficiency =
+   throughput / (cores x rate of one env stepped in this process).
+3. single-env round trip: median wall time of one step() with one env, next to a bare
+   posix_ipc semaphore ping-pong between two processes (the floor of one request and one
+   reply), measured alternately in the same run.
+
+Results: console tables and ``<out>/transport.json``.
+"""
+
+from __future__ import annotations
+
+import harness  # first: pins BLAS thread pools before numpy loads  # isort: skip
+
+import argparse
+import multiprocessing
+import os
+import secrets
+import sys
+import time
+
+import numpy as np
+import posix_ipc
+import psutil
+
+import workloads
+from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Timing,
+                     add_ratios, fast, fmt_rate, measure_cell, safe_close, table)
+
+SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
+CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
+TARGETS = {"fast_k1": 3.0, "fast_k4": 5.0, "fast_k4_nocopy": 10.0}  # x Async(shm)
+
+
+# -- the semaphore ping-pong floor --------------------------------------------------------------
+
+def _pong(ping_name: str, pong_name: str, stop) -> None:
+    ping, pong = posix_ipc.Semaphore(ping_name), posix_ipc.Semaphore(pong_name)
+    try:
+        while True:
+            ping.acquire(5.0)  # a parent that vanished leaves us here at most 5 s
+            if stop.value:
+                return
+            pong.release()
+    except posix_ipc.BusyError:
+        return
+    finally:
+        ping.close()
+        pong.close()
+
+
+class SemPingPong:
+    """Two processes, two semaphores: ``step()`` posts one and waits for the other."""
+
+    num_envs = 1
+
+    def __init__(self):
+        ctx = multiprocessing.get_context()
+        base = f"/fvbench{os.getpid()}_{secrets.token_hex(4)}_"
+        self.names = (base + "ping", base + "pong")
+        self.ping = posix_ipc.Semaphore(self.names[0], posix_ipc.O_CREX)
+        try:
+            self.pong = posix_ipc.Semaphore(self.names[1], posix_ipc.O_CREX)
+        except BaseException:
+            self.ping.unlink()
+            self.ping.close()
+            raise
+        self.stop = ctx.RawValue("b", 0)
+        self.proc = ctx.Process(target=_pong, args=(*self.names, self.stop), daemon=True,
+                                name="bench-pong")
+        self.proc.start()
+
+    def reset(self, seed=None):
+        return None, {}
+
+    def step(self, _action):
+        self.ping.release()
+        self.pong.acquire(10.0)
+
+    def close(self, terminate: bool = False):
+        if self.proc is not None:
+            self.stop.value = 1
+            self.ping.release()
+            self.proc.join(5.0)
+            if self.proc.exitcode is None:
+                self.proc.kill()
+                self.proc.join(5.0)
+            self.proc = None
+        for sem in (self.ping, self.pong):
+            try:
+                sem.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+            sem.close()
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus``."""
+    for t in psutil.Process(pid).threads():
+        try:
+            os.sched_setaffinity(t.id, cpus)
+        except OSError:  # a thread that just ended
+            pass
+
+
+def placements() -> list[tuple[str, set | None, set | None]]:
+    """(name, parent cpus, child cpus): as the scheduler likes, one core, two cores."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out: list = [("unpinned", None, None)]
+    if len(cpus) >= 1:
+        out.append(("same core", {cpus[0]}, {cpus[0]}))
+    if len(cpus) >= 2:
+        out.append(("cross core", {cpus[0]}, {cpus[1]}))
+    return out
+
+
+def measure_latency(repeats: int, steps: int, progress: Progress) -> dict:
+    """Median single-step round trip (µs) of one env per contender, and of the ping-pong.
+
+    Waking a process on another core costs far more than on the same core in a VM, so the
+    round trip is measured in three placements: unpinned, parent and worker pinned to one
+    core, and to two different cores; ratios compare like with like.
+    """
+    wl = workloads.noop((4,), "float32")
+    contenders = {c.key: c for c in (SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1))}
+    live: dict = {}
+    out: dict = {"errors": {}}
+    all_cpus = os.sched_getaffinity(0)
+    try:
+        try:
+            live["sem_pingpong"] = SemPingPong()
+        except Exception as exc:  # noqa: BLE001
+            out["errors"]["sem_pingpong"] = harness.exc_text(exc)
+        for key, c in contenders.items():
+            try:
+                env = live[key] = c.build(wl.env_fns(1))
+                env.reset(seed=0)
+            except Exception as exc:  # noqa: BLE001
+                out["errors"][key] = harness.exc_text(exc)
+                if key in live:
+                    safe_close(live.pop(key), terminate=True)
+        kids = {k: ({env.proc.pid} if isinstance(env, SemPingPong) else harness.worker_pids(env))
+                for k, env in live.items()}
+        actions = [np.zeros(1, np.int64)]
+        order = list(live)
+        for name, parent_cpus, child_cpus in placements():
+            os.sched_setaffinity(0, parent_cpus or all_cpus)
+            for pids in kids.values():
+                for pid in pids:
+                    _pin(pid, child_cpus or all_cpus)
+            for env in live.values():  # warm-up in this placement
+                harness.step_latencies_ns(env, actions, max(100, steps // 5))
+            samples: dict = {k: [] for k in order}
+            for r in range(repeats):
+                for key in order[r % len(order):] + order[:r % len(order)]:
+                    lat = harness.step_latencies_ns(live[key], actions, steps)
+                    samples[key].append(float(np.median(lat)) / 1e3)
+                    progress.update(1, f"latency {name}")
+            out[name] = {key: harness.summary(vals) for key, vals in samples.items()}
+    finally:
+        os.sched_setaffinity(0, all_cpus)
+        for env in live.values():
+            safe_close(env)
+    return out
+
+
+def _ceiling_worker(wl, seconds, conn) -> None:
+    conn.send(workloads.single_env_rate(wl, seconds))
+    conn.close()
+
+
+def parallel_ceiling(wl, procs: int, seconds: float) -> float:
+    """Steps/s of ``procs`` processes each stepping one env directly, all at once."""
+    ctx = multiprocessing.get_context()
+    pipes, ps = [], []
+    for _ in range(procs):
+        r, w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_ceiling_worker, args=(wl, seconds, w), daemon=True)
+        p.start()
+        w.close()
+        pipes.append(r)
+        ps.append(p)
+    try:
+        return sum(r.recv() for r in pipes)
+    finally:
+        for p in ps:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    cores = harness.cpu_count()
+    timing = Timing(repeats=args.repeats, repeat_s=args.repeat_s, warmup_s=args.warmup_s)
+    nums = args.num_envs
+    lat_reps, lat_steps = (3, 300) if args.quick else (5, 1000)
+    total = ((len(SHAPES) * len(nums) + 1) * len(CONTENDERS) * timing.repeats + timing.repeats
+             + 5 * lat_reps * len(placements()))
+    progress = Progress(total, not args.no_progress, "transport")
+    data: dict = {"machine": harness.machine_facts(),
+                  "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
+                             "contenders": [c.describe() for c in CONTENDERS],
+                             "baseline": BASELINE, "targets_vs_baseline": TARGETS},
+                  "noop": [], "cpu_bound": {}, "latency": {}}
+    whole, meter = harness.CpuMeter(), harness.CpuMeter()
+    shares = []
+    try:
+        for shape, dtype in SHAPES:
+            wl = workloads.noop(shape, dtype)
+            for n in nums:
+                res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
+                                   f"{wl.name} n={n}")
+                add_ratios(res)
+                for c in CONTENDERS:
+                    res[c.key]["workers"] = c.workers(n)
+                shares.append(meter.foreign_share())
+                data["noop"].append({"workload": wl.describe(), "num_envs": n, "results": res,
+                                     "foreign_cpu_share": shares[-1]})
+
+        cpu = workloads.cpu_bound(1.0)
+        ceiling = parallel_ceiling(cpu, cores, 0.5 if args.quick else 1.0)
+        n = 8
+        res = measure_cell(lambda: cpu.env_fns(n), [SINGLE] + CONTENDERS, timing, progress,
+                           "cpu n=8")
+        rate1 = res[SINGLE.key].get("sps", {}).get("median")
+        add_ratios(res)
+        for c in CONTENDERS:
+            med = res[c.key].get("sps", {}).get("median")
+            res[c.key]["workers"] = c.workers(n)
+            res[c.key]["vs_parallel_ceiling"] = med / ceiling if med else None
+        shares.append(meter.foreign_share())
+        data["cpu_bound"] = {"workload": cpu.describe(), "num_envs": n, "cores": cores,
+                             "single_env_rate": rate1, "parallel_ceiling": ceiling,
+                             "results": res,
+                             "foreign_cpu_share": shares[-1]}
+
+        data["latency"] = measure_latency(lat_reps, lat_steps, progress)
+        shares.append(meter.foreign_share())
+        data["latency_foreign_cpu_share"] = shares[-1]
+    finally:
+        progress.close()
+    data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
+    data["machine"]["foreign_cpu_share_max"] = max(shares, default=0.0)
+    data["leftovers"] = harness.leftover_report()
+    data["leftovers"]["bench_semaphores"] = [
+        n for n in os.listdir("/dev/shm") if n.startswith(f"sem.fvbench{os.getpid()}_")]
+    return data
+
+
+def errors_of(data: dict) -> list[str]:
+    errs = []
+    for cell in data["noop"]:
+        for key, res in cell["results"].items():
+            if "error" in res:
+                errs.append(f"{cell['workload']['name']} n={cell['num_envs']} {key}: "
+                            f"{res['error']}")
+    for key, res in data["cpu_bound"].get("results", {}).items():
+        if "error" in res:
+            errs.append(f"cpu n=8 {key}: {res['error']}")
+    for key, err in data["latency"].get("errors", {}).items():
+        errs.append(f"latency {key}: {err}")
+    left = data["leftovers"]
+    if left["stray_processes"] or left["shm_leftovers"] or left["bench_semaphores"]:
+        errs.append(f"leftovers: {left}")
+    return errs
+
+
+def report(data: dict) -> str:
+    out = [f"transport benchmark   {harness.facts_line(data['machine'])}"]
+    warn = harness.busy_warning(data["machine"])
+    if warn:
+        out.append(warn)
+    out.append("")
+    labels = {c.key: c.label for c in CONTENDERS}
+    out.append("no-op env, env-steps/s: median [min-max] (x vs Async shm)")
+    for shape, dtype in SHAPES:
+        cells = [c for c in data["noop"]
+                 if tuple(c["workload"]["kwargs"]["obs_shape"]) == shape]
+        if not cells:
+            continue
+        name = cells[0]["workload"]["name"]
+        rows = []
+        for c in CONTENDERS:
+            row = [labels[c.key]]
+            for cell in cells:
+                row.append(harness.cell_text(cell["results"][c.key]))
+            rows.append(row)
+        heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
+                 for c in cells]
+        out += ["", name, table(["contender"] + heads, rows)]
+
+    big = [c for c in data["noop"]
+           if tuple(c["workload"]["kwargs"]["obs_shape"]) == SHAPES[-1][0]]
+    if big:
+        out += ["", f"{big[0]['workload']['name']}: minor page faults of the parent process "
+                    "per vector step (fresh memory touched on every step; slow in a VM)"]
+        rows = []
+        for c in CONTENDERS:
+            row = [labels[c.key]]
+            for cell in big:
+                f = cell["results"][c.key].get("parent_minor_faults_per_step")
+                row.append("-" if f is None else f"{f:.1f}")
+            rows.append(row)
+        out.append(table(["contender"] + [f"n={c['num_envs']}" for c in big], rows))
+
+    out += ["", "targets (median ratio vs Async shm, every obs size and num_envs):"]
+    rows = []
+    for cell in data["noop"]:
+        row = [f"{cell['workload']['name']} n={cell['num_envs']}"]
+        for key, need in TARGETS.items():
+            ratio = cell["results"][key].get("ratio_vs_" + BASELINE)
+            row.append("-" if ratio is None else
+                       f"{ratio:.2f}x {'PASS' if ratio >= need else 'FAIL'}")
+        rows.append(row)
+    out.append(table(["cell"] + [f"{labels[k]} >={v:g}x" for k, v in TARGETS.items()], rows))
+
+    nums = sorted({c["num_envs"] for c in data["noop"]})
+    cores = data["machine"]["cores"]
+    if len(nums) > 1:
+        lo, hi = nums[0], nums[-1]
+        out += ["", f"busy-wait check: fastvec k=1 with {hi} workers vs {lo} workers on {cores} "
+                    "cores (a design that spins collapses ~100x with more workers than cores); "
+                    "the verdict is on the (4,) obs, where a step is nothing but wake-ups:"]
+        for cell_lo in [c for c in data["noop"] if c["num_envs"] == lo]:
+            name = cell_lo["workload"]["name"]
+            cell_hi = next(c for c in data["noop"]
+                           if c["num_envs"] == hi and c["workload"]["name"] == name)
+            a = cell_lo["results"]["fast_k1"].get("sps", {}).get("median")
+            b = cell_hi["results"]["fast_k1"].get("sps", {}).get("median")
+            if a and b:
+                verdict = ("PASS" if b / a >= 0.5 else "FAIL") if name == "noop_4_float32" \
+                    else "(information)"
+                out.append(f"  {name}: {fmt_rate(a)} -> {fmt_rate(b)} env-steps/s "
+                           f"({b / a:.2f}x) {verdict}")
+
+    cpu = data["cpu_bound"]
+    if cpu:
+        out += ["", f"CPU-bound env ({cpu['workload']['kwargs']['ms']:g} ms/step, "
+                    f"{cpu['workload']['kwargs']['iters']} iterations), {cpu['num_envs']} envs, "
+                    f"{cpu['cores']} cores. One env in-process (same rounds): "
+                    f"{cpu['single_env_rate'] or 0:.0f} steps/s, so cores x that = "
+                    f"{cpu['cores'] * (cpu['single_env_rate'] or 0):.0f}; "
+                    f"{cpu['cores']} processes stepping one env each, measured: "
+                    f"{cpu['parallel_ceiling']:.0f}"]
+        rows = []
+        for c in CONTENDERS:
+            res = cpu["results"][c.key]
+            eff, vs = res.get("efficiency"), res.get("vs_parallel_ceiling")
+            rows.append([labels[c.key], harness.cell_text(res),
+                         "-" if eff is None else
+                         f"{100 * eff:.1f}% {'PASS' if eff >= 0.95 else 'FAIL'}",
+                         "-" if vs is None else f"{100 * vs:.1f}%"])
+        out.append(table(["contender", "env-steps/s", "efficiency (>= 95%)",
+                          "of measured ceiling"], rows))
+        if cpu.get("foreign_cpu_share", 0) > 0.1:
+            out.append(f"* other processes used {100 * cpu['foreign_cpu_share']:.0f}% of the "
+                       "CPU during this part")
+
+    lat = data["latency"]
+    names = [name for name, _, _ in placements() if name in lat]
+    if names:
+        out += ["", "single-env round trip, median µs of one step(), median of repeats "
+                    "(x ping-pong in the same placement); same/cross core: parent and "
+                    "worker pinned to one core / to two cores"]
+        rows = []
+        for key, label in (("sem_pingpong", "posix_ipc semaphore ping-pong"),
+                           ("sync", "gym Sync (no IPC)"), ("async_shm", "gym Async shm"),
+                           ("async_pipe", "gym Async pipe"), ("fast_k1", "fastvec k=1")):
+            row = [label]
+            for name in names:
+                s = lat[name].get(key)
+                pp = lat[name].get("sem_pingpong", {}).get("median")
+                if not s:
+                    row.append(lat.get("errors", {}).get(key, "-"))
+                    continue
+                rel = f" ({s['median'] / pp:.1f}x)" if pp else ""
+                row.append(f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]{rel}")
+            rows.append(row)
+        out.append(table(["µs"] + names, rows))
+        if data.get("latency_foreign_cpu_share", 0) > 0.1:
+            out.append(f"* other processes used {100 * data['latency_foreign_cpu_share']:.0f}% "
+                       "of the CPU during this part")
+        for name in names:
+            f = lat[name].get("fast_k1", {}).get("median")
+            pp = lat[name].get("sem_pingpong", {}).get("median")
+            if f and pp:
+                out.append(f"{name}: fastvec k=1 round trip / (2 x ping-pong) = "
+                           f"{f / (2 * pp):.2f} {'PASS' if f <= 2 * pp else 'FAIL'} (<= 1)")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short repeats, 2 and 16 envs only")
+    p.add_argument("--out", default=str(harness.BENCH_DIR / "results"),
+                   help="output directory (default: benchmarks/results)")
+    p.add_argument("--repeats", type=int, help="timed repeats per contender")
+    p.add_argument("--repeat-s", type=float, help="seconds per timed repeat")
+    p.add_argument("--warmup-s", type=float, help="seconds of warm-up per contender")
+    p.add_argument("--num-envs", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated env counts (default 2,8,16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.repeats = args.repeats or (3 if quick else 5)
+    args.repeat_s = args.repeat_s or (0.12 if quick else 0.4)
+    args.warmup_s = args.warmup_s or (0.1 if quick else 0.3)
+    args.num_envs = args.num_envs or ([2, 16] if quick else [2, 8, 16])
+
+    t0 = time.monotonic()
+    data = run(args)
+    data["runtime_s"] = time.monotonic() - t0
+    out = os.path.join(args.out, "transport.json")
+    harness.write_json(harness.Path(out), data)
+    print(report(data))
+    errs = errors_of(data)
+    for e in errs:
+        print(f"ERROR: {e}", file=sys.stderr)
+    print(f"\nwrote {out}; {data['runtime_s']:.0f} s")
+    return 1 if errs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
