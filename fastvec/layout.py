@@ -193,18 +193,29 @@ def check_actions(act_leaves: list[Leaf], flat: list, num_envs: int) -> list[np.
             raise InvalidActionError(
                 f"actions{where} have shape {arr.shape}; the batched action space "
                 f"needs {want} ({num_envs} envs x {leaf.space})")
-        if not np.can_cast(arr.dtype, leaf.dtype, casting="same_kind"):
+        if arr.dtype != leaf.dtype and not np.can_cast(arr.dtype, leaf.dtype, casting="same_kind"):
             raise InvalidActionError(
                 f"actions{where} have dtype {arr.dtype}, which cannot be cast to {leaf.dtype} "
                 f"of {leaf.space}")
-        bad = ~_in_space(leaf.space, arr)
-        if bad.any():
+        if not _all_in_space(leaf.space, arr):
+            bad = ~_in_space(leaf.space, arr)
             first = int(np.flatnonzero(bad)[0])
             raise InvalidActionError(
                 f"action{where} of env {first} is outside {leaf.space}: {arr[first]!r} "
                 f"({int(bad.sum())} of {num_envs} envs out of bounds)")
         out.append(arr)
     return out
+
+
+def _all_in_space(space: spaces.Space, arr: np.ndarray) -> bool:
+    """Fast check of a whole batch on the step path (the common case: all valid)."""
+    if arr.size == 0:
+        return True
+    if isinstance(space, spaces.Discrete) and arr.dtype.kind in "iu":
+        return bool(space.start <= arr.min() and arr.max() < space.start + space.n)
+    if isinstance(space, spaces.MultiBinary) and arr.dtype.kind in "iub":
+        return bool(0 <= arr.min() and arr.max() <= 1)
+    return bool(_in_space(space, arr).all())
 
 
 def _in_space(space: spaces.Space, arr: np.ndarray) -> np.ndarray:
