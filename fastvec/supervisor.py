@@ -295,6 +295,27 @@ class Supervisor:
                     break
         return failed
 
+    def wait_any(self, slots: list[Slot], count: int, timeout: float | None):
+        """Wait until at least ``count`` of ``slots`` answered or failed; returns the
+        (answered, failed) lists. Raises WaitTimeout, leaving the requests pending."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = [s for s in slots if s.ctl.resp_seq == s.expected]
+            failed = [s for s in slots if s.failure is not None and s not in ready]
+            failed += [s for s in ready if s.ctl.status != _ring.ST_OK
+                       and s.ctl.status != _ring.ST_MISMATCH]
+            ready = [s for s in ready if s not in failed]
+            if len(ready) + len(failed) >= count:
+                return ready, failed
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                raise WaitTimeout(f"fewer than {count} of {len(slots)} envs answered within "
+                                  f"{timeout} s")
+            try:
+                self.done_sem.acquire(wait)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass
+
     def record_latency(self, slots: list[Slot]) -> None:
         col = self.latency_count % _LATENCY_WINDOW
         for slot in slots:

@@ -32,7 +32,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import CloudpickleWrapper, batch_space
 
-from fastvec import _ring
+from fastvec import _raster, _ring
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, RemoteTraceback,
                             RestartBudgetExceeded, SpaceMismatchError, WorkerFailure)
@@ -70,6 +70,15 @@ class _Resources:
             self.names.unlink_all()
 
 
+class _BatchInfos:
+    """gymnasium's info batching (``VectorEnv._add_info``) sized to a partial batch."""
+
+    _add_info = VectorEnv._add_info
+
+    def __init__(self, n: int):
+        self.num_envs = n
+
+
 class FastVectorEnv(VectorEnv):
     """Vectorized env whose workers exchange data through POSIX shared-memory rings.
 
@@ -94,6 +103,8 @@ class FastVectorEnv(VectorEnv):
         ring_depth: result slots per env (>= 2).
         max_payload_bytes: ceiling of the side buffer that carries infos and call results.
         validate_actions: check actions against the action space before sending (bounds too).
+        batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
+            to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
             the semaphore. 0 (default) always sleeps: measured on a loaded 2-core VM, a
             50 us spin made the round trip 5x slower because the spinner shared a core with
@@ -125,6 +136,7 @@ class FastVectorEnv(VectorEnv):
         max_payload_bytes: int = 1 << 30,
         validate_actions: bool = True,
         spin_us: float = 0.0,
+        batch_size: int | None = None,
         observation_mode: str = "same",
         daemon: bool = True,
     ):
@@ -142,6 +154,12 @@ class FastVectorEnv(VectorEnv):
         if observation_mode != "same":
             raise ValueError("FastVectorEnv supports observation_mode='same' only: every env must "
                              "have the observation space of env 0")
+        if batch_size is not None:
+            if not 1 <= batch_size <= len(env_fns):
+                raise ValueError(f"batch_size must be in 1..{len(env_fns)}, got {batch_size}")
+            if envs_per_worker != 1 or AutoresetMode(autoreset_mode) != AutoresetMode.NEXT_STEP:
+                raise ValueError("batch_size (send/recv) needs envs_per_worker=1 and "
+                                 "autoreset_mode=NEXT_STEP")
         if (recycle_after_episodes or max_worker_rss) and envs_per_worker != 1:
             raise ValueError("recycle_after_episodes / max_worker_rss replace a worker at an "
                              "episode boundary, which needs envs_per_worker=1")
@@ -166,6 +184,7 @@ class FastVectorEnv(VectorEnv):
         self.max_worker_rss = max_worker_rss
         self.validate_actions = validate_actions
         self.ring_depth = ring_depth
+        self.batch_size = batch_size
 
         dummy = env_fns[0]()
         try:
@@ -223,7 +242,9 @@ class FastVectorEnv(VectorEnv):
             self.closed = True
             raise
 
-        self._ring = 0  # ring slot holding the latest results
+        self._ring = 0  # ring slot holding the latest results of a lockstep call
+        self._env_ring = np.zeros(self.num_envs, np.int64)  # ... of each env (send/recv)
+        self._inflight = np.zeros(self.num_envs, np.bool_)
         self._env_to_slot = [s for s in self._sup.slots for _ in s.env_indices]
         self._base_seeds: list[int | None] = [None] * self.num_envs
         self._restarts = np.zeros(self.num_envs, np.int64)
@@ -285,6 +306,7 @@ class FastVectorEnv(VectorEnv):
 
         if self.max_worker_rss or self.recycle_after_episodes:
             self._recycle_due(mask, None)
+        self._align_rings()
 
         r = (self._ring + 1) % self.ring_depth
         requests = []
@@ -325,6 +347,7 @@ class FastVectorEnv(VectorEnv):
         self._carry(np.flatnonzero(~mask), r)
         self._needs_reset[mask] = False
         self._ring = r
+        self._env_ring[:] = r
         self._state = State.DEFAULT
         self._raise_if_policy(restarted)
         return self._observations(r), infos
@@ -354,6 +377,7 @@ class FastVectorEnv(VectorEnv):
         for view, hist, arr in zip(self._views.act, self._action_history, flat):
             np.copyto(view, arr, casting="unsafe")
             hist[h] = view
+        self._align_rings()
         r = (self._ring + 1) % self.ring_depth
         self._sup.send([(slot, _ring.OP_STEP, r, 0, None) for slot in self._sup.slots])
         self._pending = (r,)
@@ -406,9 +430,107 @@ class FastVectorEnv(VectorEnv):
         elif recycle and not same_step and done.any():
             self._recycle_due(done, r)
         self._ring = r
+        self._env_ring[:] = r
         self._state = State.DEFAULT
         self._raise_if_policy(restarted)
         return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
+
+    # -- first-ready batches (send/recv) ----------------------------------------------------------
+    def send(self, actions, env_ids=None) -> None:
+        """Start one step of the envs ``env_ids`` (default: all) with ``actions[j]`` for
+        ``env_ids[j]``, and return at once. Needs ``batch_size``; see :meth:`recv`."""
+        self._assert_open()
+        if self.batch_size is None:
+            raise FastVecError("send()/recv() need FastVectorEnv(..., batch_size=k)")
+        if self._state != State.DEFAULT:
+            raise AlreadyPendingCallError(f"send() called while a {self._state.value}_async() "
+                                          f"is pending", self._state.value)
+        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids).reshape(-1)
+        if ids.dtype.kind not in "iu" or len(np.unique(ids)) != len(ids) or (
+                len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
+            raise ValueError(f"env_ids must be distinct env indices in 0..{self.num_envs - 1}, "
+                             f"got {env_ids!r}")
+        busy = ids[self._inflight[ids]]
+        if len(busy):
+            raise AlreadyPendingCallError(f"envs {busy.tolist()} are still stepping; recv() "
+                                          "them before sending them again", "recv")
+        try:
+            flat = flatten(self.single_action_space, actions)
+        except SpaceMismatchError as exc:
+            raise InvalidActionError(f"actions do not fit {self.single_action_space}: {exc}") from None
+        flat = (check_actions(self._plan.act_leaves, flat, len(ids)) if self.validate_actions
+                else [np.asarray(a) for a in flat])
+        h = self._steps % 4
+        for view, hist, arr in zip(self._views.act, self._action_history, flat):
+            view[ids] = arr
+            hist[h][ids] = arr
+        for i in ids:
+            slot = self._env_to_slot[i]
+            self._sup.request(slot, _ring.OP_STEP, int((self._env_ring[i] + 1) % self.ring_depth))
+        self._inflight[ids] = True
+
+    def recv(self, timeout: float | None = None):
+        """Results of ``batch_size`` envs that finished their step (fewer if fewer are
+        stepping; the longest-waiting first), as ``(obs, rewards, terminations, truncations,
+        infos, env_ids)``, batched over ``env_ids`` (ascending). Envs reset themselves as in
+        NEXT_STEP mode. A failed worker's env comes back truncated and flagged, as in
+        :meth:`step`."""
+        self._assert_open()
+        flying = [self._env_to_slot[i] for i in np.flatnonzero(self._inflight)]
+        if not flying:
+            raise NoAsyncCallError("recv() called with no env stepping; send() first", "send")
+        count = min(self.batch_size, len(flying))
+        ready, failed = self._sup.wait_any(flying, count, timeout)
+        # Exactly `count`, oldest requests first: nobody starves behind fast envs.
+        chosen = sorted(ready + failed, key=lambda s: s.expected)[:count]
+        ready = [s for s in ready if s in chosen]
+        failed = [s for s in failed if s in chosen]
+        self._steps += 1
+        for slot in ready:
+            if slot.ctl.status == _ring.ST_MISMATCH and slot.failure is None:
+                self._inflight[slot.env_indices[0]] = False
+                raise self._failure_error(slot, self._failure_of(slot), "in step")
+        done_slots = sorted(ready + failed, key=lambda s: s.env_indices[0])
+        ids = np.array([s.env_indices[0] for s in done_slots], np.int64)
+        rings = (self._env_ring[ids] + 1) % self.ring_depth
+        v = self._views
+        infos: dict = {}
+        batch = _BatchInfos(len(ids))
+        restarted = []
+        for j, slot in enumerate(done_slots):
+            i = int(ids[j])
+            if slot in failed:
+                failure = self._failure_of(slot)
+                restarted.append((slot, failure))
+                self._replace(slot, failure, ("pending", self._derived_seeds(slot)))
+                self._carry([i], int(rings[j]))
+                v.reward[rings[j], i], v.terminated[rings[j], i] = 0.0, False
+                v.truncated[rings[j], i] = True
+                batch._add_info(infos, self._restart_info(failure), j)
+            elif slot.ctl.resp_payload_len:
+                (info,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+                if info:
+                    batch._add_info(infos, info, j)
+        rows = rings * self.num_envs + ids
+        obs = []
+        for region in v.obs:
+            flat_rows = region.reshape(self.ring_depth * self.num_envs, *region.shape[2:])
+            out = np.empty((len(ids), *region.shape[2:]), region.dtype)
+            _raster.gather_rows(out, flat_rows, rows)
+            obs.append(out)
+        rewards = v.reward[rings, ids].copy()
+        terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
+        self._env_ring[ids] = rings
+        self._inflight[ids] = False
+        self._sup.record_latency(ready)
+        if self.recycle_after_episodes or self.max_worker_rss:
+            done = np.zeros(self.num_envs, np.bool_)
+            done[ids] = terminated | truncated
+            if done.any():
+                self._recycle_due(done, 0)
+        self._raise_if_policy(restarted)
+        return (unflatten(self.single_observation_space, obs), rewards, terminated, truncated,
+                infos, ids)
 
     # -- call / attributes -------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -505,6 +627,10 @@ class FastVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"{call}() called while a {self._state.value}_async() is pending; call "
                 f"{self._state.value}_wait() first", self._state.value)
+        if self._inflight.any():
+            raise AlreadyPendingCallError(
+                f"{call}() called while envs {np.flatnonzero(self._inflight).tolist()} are "
+                "stepping after send(); recv() them first", "recv")
 
     def _assert_waiting(self, state: State, call: str, needed: str) -> None:
         self._assert_open()
@@ -520,12 +646,23 @@ class FastVectorEnv(VectorEnv):
 
     def _carry(self, env_ids, r: int) -> None:
         """Copy the latest observation rows of ``env_ids`` into ring slot ``r``."""
-        prev = self._ring
-        if prev == r or len(env_ids) == 0:
-            return
-        idx = list(env_ids)
-        for region in self._views.obs:
-            region[r, idx] = region[prev, idx]
+        for i in env_ids:
+            prev = self._env_ring[i]
+            if prev != r:
+                for region in self._views.obs:
+                    region[r, i] = region[prev, i]
+
+    def _align_rings(self) -> None:
+        """After send/recv the envs' latest rows sit in different ring slots; a lockstep
+        call needs them in one (self._ring) so that a batch is one slot."""
+        if self._inflight.any():
+            raise AlreadyPendingCallError(
+                f"envs {np.flatnonzero(self._inflight).tolist()} are still stepping after "
+                "send(); recv() them before a lockstep call", "recv")
+        off = np.flatnonzero(self._env_ring != self._ring)
+        if len(off):
+            self._carry(off, self._ring)  # note: _carry reads self._env_ring per env
+            self._env_ring[:] = self._ring
 
     def _collect_infos(self, slot: Slot, infos: dict) -> None:
         n = slot.ctl.resp_payload_len
@@ -604,7 +741,7 @@ class FastVectorEnv(VectorEnv):
 
     def _respawn_same_step(self, slot: Slot, failure: Failure, r: int, infos: dict) -> None:
         """SAME_STEP: the new worker resets at once and the step returns that observation."""
-        last = {i: self._row(self._ring, i) for i in slot.env_indices}
+        last = {i: self._row(self._env_ring[i], i) for i in slot.env_indices}
         self._replace(slot, failure, ("now", self._derived_seeds(slot), r))
         while self._sup.wait([slot], self._sup.start_timeout):
             failure2 = self._failure_of(slot)
