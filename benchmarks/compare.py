@@ -39,9 +39,9 @@ from pathlib import Path
 import survival
 import workloads
 from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Timing,
-                     add_ratios, fast, measure_cell, table)
+                     add_ratios, fast, fast_ready, measure_cell, table)
 
-CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4)]
+CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
 
 def plan(args) -> tuple[list[workloads.Workload], list[dict]]:

@@ -96,6 +96,9 @@ class Contender:
             return gym.vector.AsyncVectorEnv(env_fns, **self.kwargs)
         if self.kind == "fast":
             return FastVectorEnv(env_fns, **self.kwargs)
+        if self.kind == "fast_ready":
+            batch = max(1, len(env_fns) // self.kwargs.get("batch_div", 2))
+            return FirstReady(FastVectorEnv(env_fns, batch_size=batch))
         raise ValueError(f"unknown contender kind {self.kind!r}")
 
     def workers(self, num_envs: int) -> int:
@@ -148,6 +151,53 @@ class InProcessEnv:
         self.env.close()
 
 
+class FirstReady:
+    """FastVectorEnv driven by send/recv instead of lockstep steps.
+
+    ``step(actions)`` returns once ``num_envs`` env-steps came back, from any envs; each env
+    is sent again as soon as it returns, so a slow step holds up only its own env. The
+    throughput is counted in env-steps like every other contender's.
+    """
+
+    def __init__(self, env: FastVectorEnv):
+        self.env = env
+        self.num_envs = env.num_envs
+        self._primed = False
+
+    def reset(self, *, seed=None, options=None):
+        self._drain()
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, actions):
+        env = self.env
+        if not self._primed:
+            env.send(actions)
+            self._primed = True
+        done = 0
+        while done < self.num_envs:
+            out = env.recv()
+            ids = out[-1]
+            done += len(ids)
+            env.send(actions[ids], ids)
+        return out
+
+    def _drain(self) -> None:
+        while len(self.env.stepping):
+            self.env.recv()
+        self._primed = False
+
+    def close(self, **kwargs):
+        if not kwargs.get("terminate"):
+            self._drain()
+        self.env.close(**kwargs)
+
+
+def fast_ready(div: int = 2) -> Contender:
+    """fastvec with first-ready batches of num_envs // div envs (send/recv)."""
+    return Contender(f"fast_ready{div}", f"fastvec first-ready n/{div}", "fast_ready",
+                     {"batch_div": div})
+
+
 def fast(k: int, copy: bool = True) -> Contender:
     key = f"fast_k{k}" + ("" if copy else "_nocopy")
     label = f"fastvec k={k}" + ("" if copy else " copy=False")
@@ -184,6 +234,7 @@ def safe_close(env, terminate: bool = False, timeout: float = 10.0) -> str | Non
 
 def worker_pids(env) -> set[int]:
     """Pids of the worker processes of a gymnasium AsyncVectorEnv or a FastVectorEnv."""
+    env = env.env if isinstance(env, FirstReady) else env
     procs = list(getattr(env, "processes", None) or [])  # AsyncVectorEnv
     sup = getattr(env, "_sup", None)  # FastVectorEnv keeps its processes in its supervisor
     if sup is not None:

@@ -435,6 +435,11 @@ class FastVectorEnv(VectorEnv):
         self._raise_if_policy(restarted)
         return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
 
+    @property
+    def stepping(self) -> np.ndarray:
+        """Indices of the envs sent (``send``) and not yet received (``recv``)."""
+        return np.flatnonzero(self._inflight)
+
     # -- first-ready batches (send/recv) ----------------------------------------------------------
     def send(self, actions, env_ids=None) -> None:
         """Start one step of the envs ``env_ids`` (default: all) with ``actions[j]`` for
