@@ -51,6 +51,9 @@ def plan(args) -> tuple[list[workloads.Workload], list[dict]]:
     for size in args.wildfire_sizes:
         if ok:
             chosen.append(workloads.wildfire(size, min_steps=args.wildfire_steps))
+            if not args.quick and size == args.wildfire_sizes[0]:
+                # envs on different landscapes: step times differ between envs, as in training
+                chosen.append(workloads.wildfire(size, min_steps=args.wildfire_steps, mixed=True))
         else:
             skipped.append({"workload": f"wildfire_{size}", "reason": why})
     chosen.append(workloads.noop((7, 64, 64), "float32"))

@@ -44,19 +44,41 @@ class Workload:
     #: a timed repeat runs at least this many vector steps (an env whose step cost changes
     #: along an episode needs whole episodes to be measured fairly)
     min_steps: int = 0
+    #: env i plays the episodes of seed + 7919 i: the envs of a vector env differ from each
+    #: other (as in training), every contender still does the same work
+    mixed: bool = False
 
-    def env_fn(self) -> Callable[[], gym.Env]:
+    def env_fn(self, index: int = 0) -> Callable[[], gym.Env]:
+        if self.mixed:
+            return functools.partial(_seed_offset_env, self.factory, index, self.kwargs)
         return functools.partial(self.factory, **self.kwargs)
 
     def env_fns(self, num_envs: int) -> list[Callable[[], gym.Env]]:
-        return [self.env_fn() for _ in range(num_envs)]
+        return [self.env_fn(i) for i in range(num_envs)]
 
     def describe(self) -> dict:
         f = self.factory
         kwargs = {k: (v.describe() if isinstance(v, Workload) else v)
                   for k, v in self.kwargs.items()}
         return {"name": self.name, "factory": f"{f.__module__}.{f.__qualname__}",
-                "kwargs": kwargs, "min_steps": self.min_steps}
+                "kwargs": kwargs, "min_steps": self.min_steps, "mixed": self.mixed}
+
+
+class SeedOffset(gym.Wrapper):
+    """Shift the reset seed by 7919 x ``offset`` (see ``Workload.mixed``)."""
+
+    def __init__(self, env: gym.Env, offset: int):
+        super().__init__(env)
+        self.offset = offset
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            seed = seed + 7919 * self.offset
+        return self.env.reset(seed=seed, options=options)
+
+
+def _seed_offset_env(factory: Callable[..., gym.Env], offset: int, kwargs: dict) -> gym.Env:
+    return SeedOffset(factory(**kwargs), offset)
 
 
 # -- no-op ---------------------------------------------------------------------------------------
@@ -235,9 +257,10 @@ def wildfire_available() -> tuple[bool, str]:
     return True, ""
 
 
-def wildfire(size: int = 64, min_steps: int = 100, **kwargs) -> Workload:
+def wildfire(size: int = 64, min_steps: int = 100, mixed: bool = False, **kwargs) -> Workload:
     """The wildfire env; a timed repeat covers at least ``min_steps`` vector steps from
     ``reset(seed=0)``: a step costs up to 10x more while the fire front is long, so a repeat
-    must span a good part of an episode (which lasts up to ``max_steps=100``)."""
-    return Workload(f"wildfire_{size}", make_wildfire, {"size": int(size), **kwargs},
-                    min_steps=min_steps)
+    must span a good part of an episode (which lasts up to ``max_steps=100``). ``mixed``:
+    every env burns a different landscape (see ``Workload.mixed``)."""
+    return Workload(f"wildfire_{size}" + ("_mixed" if mixed else ""), make_wildfire,
+                    {"size": int(size), **kwargs}, min_steps=min_steps, mixed=mixed)
