@@ -144,30 +144,19 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-class CpuBoundEnv(gym.Env):
-    """Each step does ``iters`` iterations of a Python loop (about ``ms`` ms of one core)."""
-
-    metadata = {"render_modes": []}
+class CpuBoundEnv(NoopEnv):
+    """A NoopEnv whose step first does ``iters`` iterations of a Python loop (about ``ms``
+    ms of one core)."""
 
     def __init__(self, ms: float = 1.0, obs_shape=(4,), iters: int | None = None,
                  episode_len: int = 200):
+        super().__init__(obs_shape, "float32", episode_len)
         self.ms = float(ms)
         self.iters = int(iters) if iters is not None else calibrate_iters(self.ms)
-        self.observation_space = spaces.Box(-1.0, 1.0, tuple(obs_shape), np.float32)
-        self.action_space = spaces.Discrete(2)
-        self.episode_len = int(episode_len)
-        self._obs = np.zeros(tuple(obs_shape), np.float32)
-        self._t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self._t = 0
-        return self._obs, {}
 
     def step(self, action):
         _burn(self.iters)
-        self._t += 1
-        return self._obs, 0.0, False, self._t >= self.episode_len, {}
+        return super().step(action)
 
 
 def cpu_bound(ms: float = 1.0, obs_shape=(4,), iters: int | None = None) -> Workload:
