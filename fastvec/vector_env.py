@@ -410,11 +410,13 @@ class FastVectorEnv(VectorEnv):
         failed_set = set(failed)
         recycle = self.recycle_after_episodes or self.max_worker_rss
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
-        ended = v.terminated[r] | v.truncated[r]
+        terminated = v.terminated[r].copy()
+        truncated = v.truncated[r].copy()
+        done = terminated | truncated
         for slot in self._sup.slots:
             if slot in failed_set:
                 continue
-            if recycle and same_step and ended[slot.env_indices[0]] and self._recycle_reason(slot):
+            if recycle and same_step and done[slot.env_indices[0]] and self._recycle_reason(slot):
                 self._recycle_same_step(slot, r, infos)
             else:
                 self._collect_infos(slot, infos)
@@ -422,9 +424,6 @@ class FastVectorEnv(VectorEnv):
             for i in slot.env_indices:
                 infos = self._add_info(infos, self._restart_info(failure), i)
         self._sup.record_latency([s for s in self._sup.slots if s not in failed_set])
-        terminated = v.terminated[r].copy()
-        truncated = v.truncated[r].copy()
-        done = terminated | truncated
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= done
         elif recycle and not same_step and done.any():
