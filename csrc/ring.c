@@ -13,6 +13,7 @@
 _Static_assert(sizeof(fv_ctl) == FV_CTL_SIZE, "fv_ctl must be FV_CTL_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, req_seq) == 64, "request line at 64");
 _Static_assert(offsetof(fv_ctl, flags) == 96, "flags at 96");
+_Static_assert(offsetof(fv_ctl, batch_epoch) == 100, "batch_epoch at 100");
 _Static_assert(sizeof(fv_batch) == FV_BATCH_SIZE, "fv_batch must be FV_BATCH_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, resp_seq) == 128, "reply line at 128");
 _Static_assert(offsetof(fv_ctl, heartbeat) == 192, "liveness line at 192");
@@ -48,19 +49,31 @@ int fv_ctl_check(const fv_ctl *c) {
 }
 
 void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len, uint64_t env_mask, uint32_t flags) {
+                uint64_t payload_len, uint64_t env_mask, uint32_t flags, uint32_t epoch) {
     RELAXED(&c->opcode, opcode);
     RELAXED(&c->flags, flags);
+    RELAXED(&c->batch_epoch, epoch);
     RELAXED(&c->ring_index, ring_index);
     RELAXED(&c->req_payload_len, payload_len);
     RELAXED(&c->env_mask, env_mask);
     STORE(&c->req_seq, seq);
 }
 
-void fv_batch_arm(fv_batch *b, int32_t n) { STORE(&b->remaining, n); }
+void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n) {
+    STORE(&b->state, ((uint64_t)epoch << 32) | n);
+}
 
-int fv_batch_leave(fv_batch *b) {
-    return __atomic_sub_fetch(&b->remaining, 1, __ATOMIC_ACQ_REL) == 0;
+uint32_t fv_batch_remaining(const fv_batch *b) { return (uint32_t)LOAD(&b->state); }
+
+int fv_batch_leave(fv_batch *b, uint32_t epoch) {
+    uint64_t cur = LOAD(&b->state);
+    for (;;) {
+        if ((uint32_t)(cur >> 32) != epoch || (uint32_t)cur == 0) return 0; /* stale */
+        uint64_t next = cur - 1;
+        if (__atomic_compare_exchange_n(&b->state, &cur, next, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return (uint32_t)next == 0;
+    }
 }
 
 uint64_t fv_resp_seq(const fv_ctl *c) { return LOAD(&c->resp_seq); }
@@ -98,6 +111,20 @@ uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) {
     return spin_until_changed(&c->resp_seq, seq, spin_ns);
 }
 
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) {
+    uint64_t v = LOAD(&c->resp_seq);
+    if (v == target || spin_ns == 0) return v;
+    uint64_t deadline = fv_now_ns() + spin_ns;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            cpu_relax();
+            v = LOAD(&c->resp_seq);
+            if (v == target) return v;
+        }
+        if (fv_now_ns() >= deadline) return v;
+    }
+}
+
 void fv_begin(fv_ctl *c) { STORE(&c->busy_since_ns, fv_now_ns()); }
 
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) {
@@ -116,16 +143,23 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) 
 typedef struct {
     fv_ctl *ctl;
     uint32_t interval_ms;
+    uint32_t generation;
     int64_t owner_pid;
 } hb_args;
 
 static hb_args g_hb; /* one heartbeat per worker process */
+static int g_hb_stop;
+
+void fv_heartbeat_stop(void) { __atomic_store_n(&g_hb_stop, 1, __ATOMIC_RELEASE); }
 
 static void *heartbeat_main(void *arg) {
     hb_args *a = (hb_args *)arg;
     struct timespec ts = {a->interval_ms / 1000, (long)(a->interval_ms % 1000) * 1000000L};
     for (;;) {
-        __atomic_fetch_add(&a->ctl->heartbeat, 1, __ATOMIC_RELEASE);
+        /* A retired worker's slot belongs to its successor: never beat for it. */
+        if (!__atomic_load_n(&g_hb_stop, __ATOMIC_ACQUIRE) &&
+            LOAD(&a->ctl->generation) == a->generation)
+            __atomic_fetch_add(&a->ctl->heartbeat, 1, __ATOMIC_RELEASE);
         /* The parent check backs up PR_SET_PDEATHSIG, which follows the forking thread
            (and, under forkserver, the server rather than the vector env's process). */
         if (a->owner_pid > 0 && kill((pid_t)a->owner_pid, 0) != 0 && errno == ESRCH)
@@ -141,6 +175,7 @@ int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) {
     sigset_t all, old;
     g_hb.ctl = c;
     g_hb.interval_ms = interval_ms ? interval_ms : 1;
+    g_hb.generation = LOAD(&c->generation);
     g_hb.owner_pid = owner_pid;
     if (pthread_attr_init(&attr) != 0) return FV_RC_THREAD;
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);

@@ -26,7 +26,8 @@
  *    80    8  req_payload_len   parent   bytes of pickled request arguments in the side buffer
  *    88    8  env_mask          parent   bit i: the request concerns the worker's env i
  *    96    4  flags             parent   FV_REQ_* bits
- *   100   28  (reserved)
+ *   100    4  batch_epoch       parent   the batch a FV_REQ_COUNTED request belongs to
+ *   104   24  (reserved)
  *   128    8  resp_seq          worker   sequence number of the latest finished request (release)
  *   136    4  status            worker   FV_ST_*
  *   140    4  worker_pid        worker
@@ -46,12 +47,23 @@
  * shared done semaphore. A reply is valid only if resp_seq equals the seq the parent
  * is waiting for, so a late reply of a replaced worker is recognised and dropped.
  *
- * Batches: a request flagged FV_REQ_COUNTED belongs to a batch whose size the parent
- * armed in the batch block (int32 `remaining` at offset 0). The worker whose reply takes
- * `remaining` to exactly 0 posts the done semaphore; the others do not, so the parent
- * wakes once per batch instead of once per worker. Arming it to k < batch size gives
- * "first k ready". A worker that dies owes its decrement forever: the watchdog posts
- * instead, and the parent finds the failure through resp_seq.
+ * Batches: a request flagged FV_REQ_COUNTED belongs to the batch `batch_epoch`, whose size
+ * the parent armed in the batch block (uint64 `state` at offset 0: epoch << 32 | remaining).
+ * A worker leaves the batch after publishing its reply; the one whose decrement takes
+ * `remaining` to exactly 0 posts the done semaphore, the others do not, so the parent wakes
+ * once per batch instead of once per worker. A decrement carries the epoch of its request
+ * and is dropped if the parent has armed a newer batch since, so a reply that is late
+ * (its worker published, then was descheduled before leaving) can never count against the
+ * next batch. A worker that dies owes its decrement forever: the watchdog posts instead,
+ * and the parent finds the failure through resp_seq.
+ *
+ * The done semaphore is a wake-up hint, never a count of replies: the parent drains it
+ * before each wait and then trusts resp_seq, so its count stays bounded by the number of
+ * posts one wait can miss (one per worker at most).
+ *
+ * Heartbeat: a C thread of the worker increments `heartbeat` only while `generation` is
+ * still the one it started under, so a retiring worker (planned recycling: its successor
+ * starts in the same control block while it closes its envs) never beats for its successor.
  */
 #ifndef FASTVEC_RING_H
 #define FASTVEC_RING_H
@@ -59,7 +71,7 @@
 #include <stdint.h>
 
 #define FV_MAGIC 0x31525646u /* "FVR1" */
-#define FV_VERSION 1u
+#define FV_VERSION 2u
 #define FV_CTL_SIZE 256
 #define FV_BATCH_SIZE 64
 
@@ -113,7 +125,8 @@ typedef struct fv_ctl {
     uint64_t req_payload_len;
     uint64_t env_mask;
     uint32_t flags;
-    uint8_t _r1[28];
+    uint32_t batch_epoch;
+    uint8_t _r1[24];
     /* worker line 2: reply */
     uint64_t resp_seq;
     int32_t status;
@@ -131,8 +144,8 @@ typedef struct fv_ctl {
 } fv_ctl;
 
 typedef struct fv_batch {
-    int32_t remaining;
-    uint8_t _r[60];
+    uint64_t state; /* epoch << 32 | remaining */
+    uint8_t _r[56];
 } fv_batch;
 
 /* Parent side. */
@@ -140,8 +153,9 @@ void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t 
                  uint64_t start_seq);
 int fv_ctl_check(const fv_ctl *c);
 void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len, uint64_t env_mask, uint32_t flags);
-void fv_batch_arm(fv_batch *b, int32_t n);
+                uint64_t payload_len, uint64_t env_mask, uint32_t flags, uint32_t epoch);
+void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n);
+uint32_t fv_batch_remaining(const fv_batch *b);
 uint64_t fv_resp_seq(const fv_ctl *c);
 uint64_t fv_heartbeat(const fv_ctl *c);
 uint64_t fv_busy_since(const fv_ctl *c);
@@ -150,9 +164,12 @@ uint64_t fv_busy_since(const fv_ctl *c);
 uint64_t fv_req_seq(const fv_ctl *c);
 void fv_begin(fv_ctl *c);
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len);
-/* 1 if this reply completed the batch (the caller posts the done semaphore). */
-int fv_batch_leave(fv_batch *b);
+/* 1 if this reply completed batch `epoch` (the caller posts the done semaphore); 0 if the
+   batch still owes replies or a newer batch was armed since (the decrement is dropped). */
+int fv_batch_leave(fv_batch *b, uint32_t epoch);
 int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
+/* Stop beating (a retiring worker, before it closes its envs). */
+void fv_heartbeat_stop(void);
 int fv_set_parent_death_signal(int sig);
 
 /* Spin (no syscall) until req_seq / resp_seq differs from `seq` or `spin_ns` passed.
@@ -161,6 +178,9 @@ int fv_set_parent_death_signal(int sig);
    pays off, but only while spinners do not outnumber cores (the caller decides). */
 uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
 uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
+/* Spin until resp_seq == target or spin_ns pass; returns resp_seq. (The parent waits for
+   a known seq: sequence numbers are global, so "differs from the previous" says nothing.) */
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns);
 
 /* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
 uint64_t fv_now_ns(void);

@@ -41,6 +41,7 @@ cdef extern from "ring.h" nogil:
         uint64_t req_payload_len
         uint64_t env_mask
         uint32_t flags
+        uint32_t batch_epoch
         uint64_t resp_seq
         int32_t status
         int32_t worker_pid
@@ -57,12 +58,14 @@ cdef extern from "ring.h" nogil:
                      int64_t owner_pid, uint64_t start_seq) noexcept
     int fv_ctl_check(const fv_ctl *c) noexcept
     ctypedef struct fv_batch:
-        int32_t remaining
+        uint64_t state
 
     void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                    uint64_t payload_len, uint64_t env_mask, uint32_t flags) noexcept
-    void fv_batch_arm(fv_batch *b, int32_t n) noexcept
-    int fv_batch_leave(fv_batch *b) noexcept
+                    uint64_t payload_len, uint64_t env_mask, uint32_t flags,
+                    uint32_t epoch) noexcept
+    void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n) noexcept
+    uint32_t fv_batch_remaining(const fv_batch *b) noexcept
+    int fv_batch_leave(fv_batch *b, uint32_t epoch) noexcept
     uint64_t fv_resp_seq(const fv_ctl *c) noexcept
     uint64_t fv_heartbeat(const fv_ctl *c) noexcept
     uint64_t fv_busy_since(const fv_ctl *c) noexcept
@@ -70,9 +73,11 @@ cdef extern from "ring.h" nogil:
     void fv_begin(fv_ctl *c) noexcept
     void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) noexcept
     int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) noexcept
+    void fv_heartbeat_stop() noexcept
     int fv_set_parent_death_signal(int sig) noexcept
     uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
     uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
+    uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) noexcept
     uint64_t fv_now_ns() noexcept
 
 

@@ -41,6 +41,11 @@ def now_ns():
     return fv_now_ns()
 
 
+def stop_heartbeat():
+    """Stop this process's heartbeat thread from beating (a retiring worker)."""
+    fv_heartbeat_stop()
+
+
 def set_parent_death_signal(int sig):
     """Ask the kernel to send ``sig`` to this process when its parent thread exits."""
     _check(fv_set_parent_death_signal(sig))
@@ -76,8 +81,9 @@ cdef class Ctl:
         _check(fv_ctl_check(self._p()))
 
     def request(self, uint64_t seq, uint32_t opcode, uint32_t ring_index,
-                uint64_t payload_len=0, uint64_t env_mask=0, uint32_t flags=0):
-        fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask, flags)
+                uint64_t payload_len=0, uint64_t env_mask=0, uint32_t flags=0,
+                uint32_t epoch=0):
+        fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask, flags, epoch)
 
     def spin_resp(self, uint64_t seq, uint64_t spin_ns):
         """Spin without the GIL until resp_seq != seq or spin_ns pass; returns resp_seq."""
@@ -85,6 +91,14 @@ cdef class Ctl:
         cdef uint64_t v
         with nogil:
             v = fv_spin_resp(c, seq, spin_ns)
+        return v
+
+    def spin_resp_until(self, uint64_t target, uint64_t spin_ns):
+        """Spin without the GIL until resp_seq == target or spin_ns pass; returns resp_seq."""
+        cdef fv_ctl *c = self._p()
+        cdef uint64_t v
+        with nogil:
+            v = fv_spin_resp_until(c, target, spin_ns)
         return v
 
     def spin_req(self, uint64_t seq, uint64_t spin_ns):
@@ -129,6 +143,10 @@ cdef class Ctl:
     @property
     def flags(self):
         return self._p().flags
+
+    @property
+    def batch_epoch(self):
+        return self._p().batch_epoch
 
     @property
     def ring_index(self):
@@ -213,17 +231,23 @@ cdef class Batch:
         self._buf = None
         self.b = NULL
 
-    def arm(self, int n):
+    def arm(self, uint32_t n, uint32_t epoch=0):
+        """Start batch ``epoch`` owing ``n`` replies (any older batch's decrements drop)."""
         if self.b == NULL:
             raise RingError("batch block used after release()")
-        fv_batch_arm(self.b, n)
+        fv_batch_arm(self.b, epoch, n)
 
-    def leave(self):
-        """Count one reply; True if it completed the batch (post the done semaphore)."""
+    def leave(self, uint32_t epoch=0):
+        """Count one reply of batch ``epoch``; True if it completed the batch (post the
+        done semaphore). A stale epoch counts nothing."""
         if self.b == NULL:
             raise RingError("batch block used after release()")
-        return fv_batch_leave(self.b) != 0
+        return fv_batch_leave(self.b, epoch) != 0
 
     @property
     def remaining(self):
-        return self.b.remaining if self.b != NULL else 0
+        return fv_batch_remaining(self.b) if self.b != NULL else 0
+
+    @property
+    def epoch(self):
+        return (self.b.state >> 32) if self.b != NULL else 0

@@ -49,6 +49,10 @@ class UnsupportedSpaceError(FastVecError, TypeError):
     """A space without a fixed size (Text, Graph, Sequence, ...) cannot live in shared memory."""
 
 
+class UnpicklableInfoError(FastVecError, TypeError):
+    """An env returned an info value that cannot be pickled to cross the process boundary."""
+
+
 class PayloadTooLargeError(FastVecError):
     """A pickled payload does not fit the side buffer and the buffer could not grow."""
 
@@ -74,7 +78,8 @@ class WorkerFailure(FastVecError):
     Attributes:
         env_index: the first env index the failed worker hosted (``env_indices`` has all).
         worker_index: the worker slot.
-        reason: ``"died"``, ``"frozen"``, ``"hung"``, ``"exception"`` or ``"budget"``.
+        reason: ``"died"``, ``"frozen"``, ``"hung"``, ``"exception"``, ``"start"`` (a
+            replacement could not be started or could not build its envs) or ``"budget"``.
         detail: a human-readable description (signal name, exit code, exception text).
         exitcode: the process exit code (negative: killed by that signal), if it exited.
     """

@@ -1,4 +1,4 @@
-"""The parent side of the worker processes: start, watch, wait, replace, health.
+"""The parent side of the worker processes: start, watch, wait, kill or retire, health.
 
     FastVectorEnv ──request(seq, op)──▶ Slot.ctl ──post req_sem──▶ worker
          ▲                                                          │
@@ -9,7 +9,9 @@
                               posts done_sem so the waiting parent wakes at once.
 
 A failed slot is dirty: its process is killed, its control block re-initialised and its
-request semaphore recreated under a new name before a new process starts in it.
+request semaphore recreated under a new name before a new process starts in it. Which
+process to start and what it must do first is recovery's decision (fastvec/recovery.py);
+this module only runs processes and tells how they are doing. Every wait here has a bound.
 """
 
 from __future__ import annotations
@@ -28,21 +30,27 @@ import numpy as np
 import posix_ipc
 
 from fastvec import _ring
-from fastvec.errors import RestartBudgetExceeded, RingError, WaitTimeout
-from fastvec.shm import Names, Segment, create_semaphore, unlink_semaphore
+from fastvec.errors import FastVecError, RingError, WaitTimeout
+from fastvec.options import Options
+from fastvec.shm import Names, Segment, create_semaphore, get_pickle, unlink_semaphore
 from fastvec.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("fastvec")
 
 _LATENCY_WINDOW = 512
+_FAILED_POLL = 0.002  # once a worker failed, the batch counter never completes: poll
 
 
 @dataclass
 class Failure:
-    reason: str  # "died", "frozen", "hung", "exception", "start"
+    """What went wrong with one worker, as seen by the parent."""
+
+    reason: str  # "died", "frozen", "hung", "exception", "start", "mismatch", "recycle"
     detail: str
     exitcode: int | None = None
-    remote: tuple | None = None  # (exception or None, formatted traceback)
+    remote: tuple | None = None  # (exception or None, formatted traceback) from the worker
+    cause: BaseException | None = None  # a local exception (fork failed, ...)
+    seq: int = 0  # the request it refers to: a reply to that request arriving first wins
     when: float = field(default_factory=time.time)
 
 
@@ -70,7 +78,9 @@ class Slot:
     process = None
     req_sem = None
     req_sem_name = None
-    failure: Failure | None = None
+    failure: Failure | None = None  # set by the watchdog (or a failed start)
+    disabled: Failure | None = None  # out of play: the restart budget ran out
+    lost: Failure | None = None  # replaced outside a step: the next step reports it
     expected = 0  # seq of the request whose reply we wait for
 
     def __init__(self, index: int, env_indices: tuple, env_fns: list, payload: Segment,
@@ -83,52 +93,47 @@ class Slot:
         self.generation = 0
         self.restart_times: collections.deque = collections.deque()
         self.restarts = 0
+        self.recycles = 0
         self.reasons: collections.Counter = collections.Counter()
         self.last_failure: Failure | None = None
-        self.started_at = 0.0
         self.hb_value = -1
         self.hb_time = 0.0
-        self.recycles = 0
+        self.latency = np.zeros(_LATENCY_WINDOW, np.int64)
+        self.latency_count = 0
 
     @property
     def done(self) -> bool:
         return self.ctl.resp_seq == self.expected
+
+    @property
+    def serving(self) -> bool:
+        """A process runs in the slot and nothing marks it failed or out of play."""
+        return self.process is not None and self.failure is None and self.disabled is None
 
     def env_mask(self) -> int:
         return (1 << len(self.env_indices)) - 1
 
 
 class Supervisor:
-    def __init__(self, *, ctx, prefix: str, names: Names, main: Segment, plan, slots_envs: list,
-                 env_fns: list, autoreset_mode: str, single_spaces: tuple,
-                 heartbeat_interval: float, heartbeat_timeout: float, step_timeout: float | None,
-                 start_timeout: float, max_restarts: int, restart_window: float,
-                 max_payload_bytes: int, spin_us: float = 0.0, daemon: bool = True):
+    def __init__(self, *, options: Options, ctx, prefix: str, names: Names, main: Segment,
+                 plan, slots_envs: list, env_fns: list, single_spaces: tuple):
+        self.options = options
         self.ctx = ctx
         self.prefix = prefix
         self.names = names
         self.main = main
         self.plan = plan
-        self.autoreset_mode = autoreset_mode
         self.single_spaces = single_spaces
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.step_timeout = step_timeout
-        self.start_timeout = start_timeout
-        self.max_restarts = max_restarts
-        self.restart_window = restart_window
-        self.max_payload_bytes = max_payload_bytes
-        self.daemon = daemon
-        self.spin_ns = int(spin_us * 1000)
         self.seq = 0
+        self.epoch = 0
         self.lock = threading.RLock()
         self.slots: list[Slot] = []
+        self.retiring: list[tuple] = []  # (process, SIGKILL deadline) of recycled workers
+        self.zombies: list = []
         self.done_sem_name = prefix + "done"
         self.done_sem = create_semaphore(self.done_sem_name)
         names.semaphores.add(self.done_sem_name)
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
-        self.latency = np.zeros((len(slots_envs), _LATENCY_WINDOW), np.int64)
-        self.latency_count = 0
         for w, env_indices in enumerate(slots_envs):
             pname = f"{prefix}p{w}"
             names.segments.add(pname)
@@ -136,7 +141,6 @@ class Supervisor:
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
-        self.zombies: list = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -156,53 +160,122 @@ class Supervisor:
     def send(self, items: list) -> None:
         """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
         worker to answer posts done, so the parent wakes once for the whole batch."""
-        self.batch.arm(len(items))
+        if not items:
+            return
+        self.epoch = (self.epoch + 1) & 0xFFFFFFFF
+        self.batch.arm(len(items), self.epoch)
         for slot, op, ring, payload_len, mask in items:
             seq = self.next_seq()
             slot.expected = seq
             slot.ctl.request(seq, op, ring, payload_len,
-                             slot.env_mask() if mask is None else mask, _ring.REQ_COUNTED)
+                             slot.env_mask() if mask is None else mask, _ring.REQ_COUNTED,
+                             self.epoch)
         for item in items:
             item[0].req_sem.release()
 
     # -- processes -------------------------------------------------------------------
-    def start_slot(self, slot: Slot, initial_reset: tuple | None = None) -> None:
-        """(Re)initialise the slot's control block and semaphore, start a process in it."""
+    def start_process(self, slot: Slot, pending_seeds: tuple | None = None) -> None:
+        """Re-initialise the slot's control block and semaphore and start a process in it.
+
+        Returns once the process exists; :meth:`await_ready` waits for its envs. Raises
+        whatever starting it raised (fork failing with ENOMEM, no fds left, ...), leaving
+        the slot without a process and marked failed.
+        """
+        opts = self.options
         with self.lock:
-            if slot.req_sem is not None:
-                slot.req_sem.close()
-                unlink_semaphore(slot.req_sem_name)
-                self.names.semaphores.discard(slot.req_sem_name)
-            slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
-            self.names.semaphores.add(slot.req_sem_name)
-            slot.req_sem = create_semaphore(slot.req_sem_name)
-            start_seq = self.next_seq()
-            slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
-            slot.expected = start_seq
-            slot.failure = None
-            spec = WorkerSpec(
-                worker_index=slot.index, env_indices=slot.env_indices, env_fns=slot.env_fns,
-                plan=self.plan, main_name=self.main.name, payload_name=slot.payload.name,
-                req_sem_name=slot.req_sem_name, done_sem_name=self.done_sem_name,
-                autoreset_mode=self.autoreset_mode, owner_pid=os.getpid(),
-                generation=slot.generation, start_seq=start_seq,
-                heartbeat_ms=max(1, int(self.heartbeat_interval * 1000)),
-                max_payload_bytes=self.max_payload_bytes, single_spaces=self.single_spaces,
-                initial_reset=initial_reset, spin_ns=self.spin_ns)
-            proc = self.ctx.Process(target=worker_main, args=(spec,), daemon=self.daemon,
-                                    name=f"fastvec-worker-{slot.index}")
-            proc.start()
+            try:
+                if slot.req_sem is not None:
+                    slot.req_sem.close()
+                    unlink_semaphore(slot.req_sem_name)
+                    self.names.semaphores.discard(slot.req_sem_name)
+                    slot.req_sem = None
+                slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
+                self.names.semaphores.add(slot.req_sem_name)
+                slot.req_sem = create_semaphore(slot.req_sem_name)
+                start_seq = self.next_seq()
+                slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
+                slot.expected = start_seq
+                slot.failure = None
+                spec = WorkerSpec(
+                    worker_index=slot.index, env_indices=slot.env_indices,
+                    env_fns=slot.env_fns, plan=self.plan, main_name=self.main.name,
+                    payload_name=slot.payload.name, req_sem_name=slot.req_sem_name,
+                    done_sem_name=self.done_sem_name,
+                    autoreset_mode=opts.autoreset_mode.value, owner_pid=os.getpid(),
+                    generation=slot.generation, start_seq=start_seq,
+                    heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
+                    max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
+                    spin_ns=opts.spin_ns, pending_seeds=pending_seeds,
+                    parent_death_signal=threading.current_thread() is threading.main_thread())
+                proc = self.ctx.Process(target=worker_main, args=(spec,), daemon=opts.daemon,
+                                        name=f"fastvec-worker-{slot.index}")
+                proc.start()
+            except BaseException as exc:
+                slot.failure = Failure("start", f"could not start a worker process: "
+                                       f"{type(exc).__name__}: {exc}", cause=exc)
+                raise
             slot.process = proc
-            slot.started_at = time.monotonic()
-            slot.hb_value, slot.hb_time = -1, slot.started_at
+            slot.hb_value, slot.hb_time = -1, time.monotonic()
         self._poke()
 
-    def kill_slot(self, slot: Slot, grace: float = 0.0) -> None:
-        proc = slot.process
-        if proc is None:
-            return
-        if grace > 0:
-            proc.join(grace)
+    def await_ready(self, slots: list[Slot]) -> dict[Slot, Failure]:
+        """Wait, at most ``start_timeout``, for freshly started slots to build their envs.
+
+        Returns the failures by slot: a process that died or raised while building, or
+        did not finish within ``start_timeout`` (building never counts against
+        ``step_timeout``)."""
+        timeout = self.options.start_timeout
+        deadline = time.monotonic() + timeout
+        out: dict[Slot, Failure] = {}
+        for slot in slots:
+            try:
+                failed = self.wait([slot], max(0.0, deadline - time.monotonic()))
+            except WaitTimeout:
+                out[slot] = Failure("start", f"did not build its envs within "
+                                    f"start_timeout={timeout} s", seq=slot.expected)
+                continue
+            if failed:
+                out[slot] = self.failure_of(slot, "start")
+        return out
+
+    def failure_of(self, slot: Slot, reason: str | None = None) -> Failure:
+        """The failure of a slot that did not answer OK: the watchdog's finding, or the
+        error its worker reported (read from the side buffer)."""
+        if slot.failure is not None:
+            return slot.failure
+        try:
+            exc, tb = get_error(slot)
+        except Exception as read_err:  # noqa: BLE001 - report, never crash the parent
+            exc, tb = None, f"(the worker's error could not be read: {read_err!r})"
+        if slot.ctl.status == _ring.ST_MISMATCH:
+            return Failure("mismatch", str(exc), remote=(exc, tb), seq=slot.expected)
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else tb.strip().splitlines()[-1]
+        if reason == "start":
+            what = f"its env_fn raised: {what}"
+        return Failure(reason or "exception", what, remote=(exc, tb), seq=slot.expected)
+
+    def kill_slot(self, slot: Slot) -> None:
+        """SIGKILL the slot's process (a failed one: nothing of it is worth keeping)."""
+        with self.lock:
+            proc, slot.process = slot.process, None
+        if proc is not None:
+            self._kill(proc)
+
+    def retire_slot(self, slot: Slot) -> None:
+        """Planned recycling: ask the worker to close its envs and exit (SIGUSR1), without
+        waiting; the watchdog reaps it, with SIGKILL after ``recycle_grace``."""
+        with self.lock:
+            proc, slot.process = slot.process, None
+            if proc is None:
+                return
+            try:
+                os.kill(proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            self.retiring.append((proc, time.monotonic() + self.options.recycle_grace))
+        self._poke()
+
+    def _kill(self, proc) -> None:
         if proc.exitcode is None:
             try:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -212,43 +285,38 @@ class Supervisor:
         if proc.exitcode is not None:
             proc.close()
         else:  # SIGKILLed but not yet gone (uninterruptible sleep): reap it at shutdown
-            log.error("worker %d (pid %d) survived SIGKILL for 5 s", slot.index, proc.pid)
+            log.error("worker process %d survived SIGKILL for 5 s", proc.pid)
             self.zombies.append(proc)
-        slot.process = None
-
-    def replace(self, slot: Slot, failure: Failure, initial_reset: tuple | None,
-                planned: bool = False) -> None:
-        """Kill what is left of the slot's process and start a new one in the same slot.
-
-        Raises RestartBudgetExceeded (after cleaning up) when the slot restarted too often.
-        """
-        with self.lock:
-            self.kill_slot(slot, grace=1.0 if planned else 0.0)
-            slot.generation += 1
-            if planned:
-                slot.recycles += 1
-            else:
-                now = time.monotonic()
-                slot.restart_times.append(now)
-                while slot.restart_times and now - slot.restart_times[0] > self.restart_window:
-                    slot.restart_times.popleft()
-                slot.restarts += 1
-                slot.reasons[failure.reason] += 1
-                slot.last_failure = failure
-                if len(slot.restart_times) > self.max_restarts:
-                    slot.failure = failure
-                    raise RestartBudgetExceeded(
-                        f"worker {slot.index} (envs {list(slot.env_indices)}) failed "
-                        f"{len(slot.restart_times)} times within {self.restart_window:.0f} s, "
-                        f"more than max_restarts={self.max_restarts}; last failure: "
-                        f"{failure.reason}: {failure.detail}. This looks like a deterministic "
-                        "bug in the env; fix it or raise max_restarts / restart_window.",
-                        env_index=slot.env_indices[0], env_indices=slot.env_indices,
-                        worker_index=slot.index, reason="budget", detail=failure.detail,
-                        exitcode=failure.exitcode)
-            self.start_slot(slot, initial_reset)
 
     # -- waiting ---------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Empty the done semaphore: it is a wake-up hint, resp_seq is the truth. Posts a
+        previous wait did not need (it found the replies already there) go here, so the
+        count stays bounded however the caller interleaves its own work."""
+        while True:
+            try:
+                self.done_sem.acquire(0)
+            except posix_ipc.BusyError:
+                return
+            except posix_ipc.SignalError:
+                continue
+
+    def _settle(self, slot: Slot) -> None:
+        """The reply arrived: a hung/frozen finding about that very request is void (the
+        worker answered after all). A death stays: the process is gone either way."""
+        f = slot.failure
+        if f is not None and f.reason in ("hung", "frozen") and f.seq == slot.expected:
+            with self.lock:
+                if slot.failure is f:
+                    slot.failure = None
+
+    def _check_watchdog(self) -> None:
+        t = self._thread
+        if t is not None and not t.is_alive() and not self._stop.is_set():
+            raise FastVecError("fastvec's watchdog thread stopped, so failed workers can no "
+                               "longer be detected; close this env and build a new one (and "
+                               "report the log's traceback as a fastvec bug)")
+
     def wait(self, slots: list[Slot], timeout: float | None) -> list[Slot]:
         """Wait until every slot answered its expected seq or failed; returns the failed ones.
 
@@ -256,23 +324,25 @@ class Supervisor:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem, spin = self.done_sem, self.spin_ns
-        # A failed worker never pays its share of the batch counter, so once a failure is
-        # seen the others' replies post nothing: poll in short slices from then on.
-        poll = 1.0
+        sem, spin = self.done_sem, self.options.spin_ns
+        self._drain()
+        poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
             if spin:
-                slot.ctl.spin_resp(slot.expected - 1, spin)
-            while slot.ctl.resp_seq != slot.expected:
+                slot.ctl.spin_resp_until(slot.expected, spin)
+            while True:
+                if slot.ctl.resp_seq == slot.expected:
+                    self._settle(slot)
+                    if slot.ctl.status != _ring.ST_OK:
+                        failed.append(slot)
+                    break
                 if slot.failure is not None:
                     failed.append(slot)
-                    poll = 0.002
+                    poll = _FAILED_POLL
                     break
-                if poll > 0.002 and any(s.failure is not None for s in slots):
-                    poll = 0.002
-                if deadline is None:
-                    wait = poll
-                else:
+                self._check_watchdog()
+                wait = poll
+                if deadline is not None:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         raise WaitTimeout(f"no reply from worker {slot.index} "
@@ -284,15 +354,8 @@ class Supervisor:
                     pass
                 except posix_ipc.SignalError:
                     pass  # Python runs the handler (e.g. KeyboardInterrupt) at the next bytecode
-            else:
-                if slot.ctl.status != _ring.ST_OK:
-                    failed.append(slot)
-        if spin:  # drain posts that spinning overtook, so the count stays bounded
-            for _ in range(len(slots)):
-                try:
-                    sem.acquire(0)
-                except posix_ipc.BusyError:
-                    break
+                if poll > _FAILED_POLL and any(s.failure is not None for s in slots):
+                    poll = _FAILED_POLL
         return failed
 
     def wait_any(self, slots: list[Slot], count: int, timeout: float | None):
@@ -300,13 +363,18 @@ class Supervisor:
         (answered, failed) lists. Raises WaitTimeout, leaving the requests pending."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            ready = [s for s in slots if s.ctl.resp_seq == s.expected]
-            failed = [s for s in slots if s.failure is not None and s not in ready]
-            failed += [s for s in ready if s.ctl.status != _ring.ST_OK
-                       and s.ctl.status != _ring.ST_MISMATCH]
-            ready = [s for s in ready if s not in failed]
+            self._drain()
+            ready, failed = [], []
+            for s in slots:
+                if s.ctl.resp_seq == s.expected:
+                    self._settle(s)
+                    st = s.ctl.status
+                    (ready if st in (_ring.ST_OK, _ring.ST_MISMATCH) else failed).append(s)
+                elif s.failure is not None:
+                    failed.append(s)
             if len(ready) + len(failed) >= count:
                 return ready, failed
+            self._check_watchdog()
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
                 raise WaitTimeout(f"fewer than {count} of {len(slots)} envs answered within "
@@ -317,10 +385,9 @@ class Supervisor:
                 pass
 
     def record_latency(self, slots: list[Slot]) -> None:
-        col = self.latency_count % _LATENCY_WINDOW
         for slot in slots:
-            self.latency[slot.index, col] = slot.ctl.last_request_ns
-        self.latency_count += 1
+            slot.latency[slot.latency_count % _LATENCY_WINDOW] = slot.ctl.last_request_ns
+            slot.latency_count += 1
 
     # -- the watchdog ------------------------------------------------------------------
     def start_watchdog(self) -> None:
@@ -337,28 +404,36 @@ class Supervisor:
         with self.lock:
             if slot.generation != generation or slot.failure is not None:
                 return
+            failure.seq = slot.expected
             slot.failure = failure
         log.debug("watchdog: worker %d %s: %s", slot.index, failure.reason, failure.detail)
         self.done_sem.release()
 
     def _watch(self) -> None:
-        interval = min(0.25, self.heartbeat_timeout / 4,
-                       (self.step_timeout or 1.0) / 4)
-        interval = max(interval, 0.01)
+        opts = self.options
+        interval = max(0.01, min(0.25, opts.heartbeat_timeout / 4, (opts.step_timeout or 1.0) / 4))
         while not self._stop.is_set():
-            with self.lock:
-                watched = {s.process.sentinel: (s, s.generation)
-                           for s in self.slots if s.process is not None and s.failure is None}
             try:
-                ready = multiprocessing.connection.wait([*watched, self._wake_r], interval)
-            except OSError:
-                ready = []  # a sentinel closed under us by a replacement; look again
-            if self._stop.is_set():
-                return
-            for r in ready:
-                if r == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    continue
+                self._watch_once(interval)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive its own bugs
+                log.exception("fastvec watchdog: unexpected error (continuing)")
+                self._stop.wait(interval)
+
+    def _watch_once(self, interval: float) -> None:
+        with self.lock:
+            watched = {s.process.sentinel: (s, s.generation)
+                       for s in self.slots if s.process is not None and s.failure is None}
+            retiring = {p.sentinel: p for p, _ in self.retiring}
+        try:
+            ready = multiprocessing.connection.wait([*watched, *retiring, self._wake_r], interval)
+        except (OSError, ValueError):
+            ready = []  # a sentinel closed under us by a replacement; look again
+        if self._stop.is_set():
+            return
+        for r in ready:
+            if r == self._wake_r:
+                os.read(self._wake_r, 4096)
+            elif r in watched:
                 slot, gen = watched[r]
                 with self.lock:  # the main thread may be replacing this very process
                     if slot.generation != gen or slot.process is None:
@@ -366,9 +441,28 @@ class Supervisor:
                     slot.process.join(0.05)  # reap it, so the exit status is known
                     code = slot.process.exitcode
                     self._flag(slot, gen, Failure("died", describe_exit(code), code))
-            self._check_liveness()
+        self._reap_retiring()
+        self._check_liveness()
+
+    def _reap_retiring(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            keep = []
+            for proc, deadline in self.retiring:
+                proc.join(0)
+                if proc.exitcode is not None:
+                    proc.close()
+                elif now >= deadline:
+                    log.warning("recycled worker (pid %d) did not exit within recycle_grace="
+                                "%s s after closing its envs: SIGKILL", proc.pid,
+                                self.options.recycle_grace)
+                    self._kill(proc)
+                else:
+                    keep.append((proc, deadline))
+            self.retiring = keep
 
     def _check_liveness(self) -> None:
+        opts = self.options
         now = time.monotonic()
         now_ns = _ring.now_ns()
         for slot in self.slots:
@@ -379,27 +473,28 @@ class Supervisor:
             if hb != slot.hb_value:
                 slot.hb_value, slot.hb_time = hb, now
                 busy = slot.ctl.busy_since_ns
-                if (self.step_timeout is not None and busy and slot.ctl.resp_seq != slot.expected
-                        and slot.ctl.opcode in (_ring.OP_STEP, _ring.OP_RESET)
-                        and (now_ns - busy) / 1e9 > self.step_timeout):
+                op = slot.ctl.opcode
+                if (opts.step_timeout is not None and busy and slot.ctl.resp_seq != slot.expected
+                        and op in (_ring.OP_STEP, _ring.OP_RESET)
+                        and (now_ns - busy) / 1e9 > opts.step_timeout):
                     self._flag(slot, gen, Failure(
-                        "hung", f"a {'step' if slot.ctl.opcode == _ring.OP_STEP else 'reset'} "
-                        f"ran {(now_ns - busy) / 1e9:.1f} s > step_timeout={self.step_timeout} s "
+                        "hung", f"a {'step' if op == _ring.OP_STEP else 'reset'} "
+                        f"ran {(now_ns - busy) / 1e9:.1f} s > step_timeout={opts.step_timeout} s "
                         "(heartbeat alive)"))
                 continue
-            limit = self.start_timeout if hb <= 0 else self.heartbeat_timeout
+            limit = opts.start_timeout if hb <= 0 else opts.heartbeat_timeout
             if now - slot.hb_time > limit:
                 what = ("never started its heartbeat" if hb <= 0 else
                         f"heartbeat stopped for {now - slot.hb_time:.1f} s > "
-                        f"heartbeat_timeout={self.heartbeat_timeout} s (stopped or frozen)")
+                        f"heartbeat_timeout={opts.heartbeat_timeout} s (stopped or frozen)")
                 self._flag(slot, gen, Failure("frozen", what))
 
     # -- health ------------------------------------------------------------------------
     def health(self) -> list[dict]:
-        n = min(self.latency_count, _LATENCY_WINDOW)
         out = []
         for slot in self.slots:
-            lat = self.latency[slot.index, :n] / 1e6
+            n = min(slot.latency_count, _LATENCY_WINDOW)
+            lat = slot.latency[:n] / 1e6
             lf = slot.last_failure
             proc = slot.process
             out.append({
@@ -407,6 +502,9 @@ class Supervisor:
                 "envs": list(slot.env_indices),
                 "pid": proc.pid if proc is not None else None,
                 "alive": bool(proc is not None and proc.exitcode is None),
+                "disabled": slot.disabled is not None,
+                "disabled_reason": (f"{slot.disabled.reason}: {slot.disabled.detail}"
+                                    if slot.disabled else None),
                 "generation": slot.generation,
                 "restarts": slot.restarts,
                 "recycles": slot.recycles,
@@ -424,7 +522,8 @@ class Supervisor:
 
     # -- shutdown ------------------------------------------------------------------------
     def shutdown(self, timeout: float | None, terminate: bool) -> None:
-        """Ask, then terminate, then kill, then join."""
+        """Ask, then terminate, then kill, then join: at most ``timeout`` (default 5 s) for
+        the workers to close their envs, then about 1 s more per stage."""
         self._stop.set()
         self._poke()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -445,10 +544,14 @@ class Supervisor:
         for slot in live:
             if slot.process.exitcode is None:
                 slot.process.terminate()
+        deadline = time.monotonic() + 1.0
         for slot in live:
-            slot.process.join(1.0)
+            slot.process.join(max(0.0, deadline - time.monotonic()))
         for slot in self.slots:
             self.kill_slot(slot)
+        for proc, _ in self.retiring:
+            self._kill(proc)
+        self.retiring = []
         for proc in self.zombies:
             proc.join(5.0)
             if proc.exitcode is not None:
@@ -467,3 +570,8 @@ class Supervisor:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
+
+
+def get_error(slot: Slot):
+    """The (exception or None, traceback text) a worker put in its side buffer."""
+    return get_pickle(slot.payload, slot.ctl.resp_payload_len)

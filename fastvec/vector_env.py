@@ -1,15 +1,9 @@
 """FastVectorEnv: gymnasium's vector-env contract over shared-memory rings.
 
-    step(actions)
-      │ validate (ValueError before anything is sent)
-      ▼
-    action regions ──▶ ctl.request(seq, STEP, ring r) + post req_sem ──▶ worker w (k envs)
-                                                                            │ env.step × k
-    obs/reward/flags[r] ◀──────────────── written in place by the worker ◀──┘
-      │ wait: done_sem, resp_seq == seq, watchdog findings (supervisor.py)
-      ▼
-    batch = views of ring slot r (copy=False) or a copy (copy=True); infos unpickled
-    from the side buffer only when an env returned a non-empty info.
+The byte layout lives in csrc/ring.h, the process picture in fastvec/supervisor.py, the
+replacement of failed workers in fastvec/recovery.py, first-ready batches in
+fastvec/batches.py, construction helpers in fastvec/registration.py. This module keeps
+the contract: what reset, step and call return, including for envs whose worker failed.
 
 A failed worker (died, frozen, hung, raised) is replaced in place; its envs come back
 in that step as truncated with ``infos["worker_restarted"]`` set (``on_failure="respawn"``),
@@ -19,12 +13,11 @@ or the step raises :class:`fastvec.WorkerFailure` (``on_failure="raise"``).
 from __future__ import annotations
 
 import enum
-import functools
-import inspect
 import logging
 import multiprocessing
 import os
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -32,15 +25,20 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import CloudpickleWrapper, batch_space
 
-from fastvec import _raster, _ring
+from fastvec import _ring
+from fastvec.batches import FirstReadyBatches
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, RemoteTraceback,
-                            RestartBudgetExceeded, SpaceMismatchError, WorkerFailure)
+                            SpaceMismatchError, WorkerFailure)
 from fastvec.layout import Plan, check_actions, flatten, unflatten
+from fastvec.options import Options
+from fastvec.recovery import Recovery, ReplacementPlan, When
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
-from fastvec.supervisor import Failure, Slot, Supervisor, log
+from fastvec.supervisor import Failure, Slot, Supervisor
 
-__all__ = ["FastVectorEnv", "make_vec"]
+__all__ = ["FastVectorEnv"]
+
+log = logging.getLogger("fastvec")
 
 
 class State(enum.Enum):
@@ -48,6 +46,22 @@ class State(enum.Enum):
     WAITING_RESET = "reset"
     WAITING_STEP = "step"
     WAITING_CALL = "call"
+
+
+@dataclass
+class PendingReset:
+    ring: int
+    mask: np.ndarray
+    slots: list
+    seeds: list
+    options: dict | None
+
+
+@dataclass
+class PendingStep:
+    ring: int
+    slots: list  # the slots a request went to
+    lost: list = field(default_factory=list)  # slots replaced earlier, reported in this step
 
 
 class _Resources:
@@ -70,16 +84,7 @@ class _Resources:
             self.names.unlink_all()
 
 
-class _BatchInfos:
-    """gymnasium's info batching (``VectorEnv._add_info``) sized to a partial batch."""
-
-    _add_info = VectorEnv._add_info
-
-    def __init__(self, n: int):
-        self.num_envs = n
-
-
-class FastVectorEnv(VectorEnv):
+class FastVectorEnv(FirstReadyBatches, VectorEnv):
     """Vectorized env whose workers exchange data through POSIX shared-memory rings.
 
     Args:
@@ -89,31 +94,39 @@ class FastVectorEnv(VectorEnv):
             until ``ring_depth`` further resets/steps (False).
         autoreset_mode: ``AutoresetMode`` (or its string value).
         envs_per_worker: envs stepped in turn by one worker process (one wake-up for all).
-        on_failure: ``"respawn"`` (default) or ``"raise"``.
+        on_failure: ``"respawn"`` (default) or ``"raise"``: what a step or autoreset that
+            hit a failed worker does (an exception the env raises in a ``reset()`` or
+            ``call()`` you made is always raised, with the env's own type).
+        on_budget_exhausted: ``"raise"`` (default: ``RestartBudgetExceeded`` and the env
+            closes) or ``"disable"`` (the slot's envs stay in the batch out of play,
+            truncated every step with ``infos["env_disabled"]``, until a reset tries again).
         heartbeat_interval / heartbeat_timeout: seconds between a worker's heartbeats and
             how long a stopped heartbeat is tolerated before the worker counts as frozen.
         step_timeout: seconds a step or reset may run before the worker counts as hung
             (None: no limit; a slow step under the limit is never touched).
-        start_timeout: seconds a worker may take to start and build its envs.
+        start_timeout: seconds a worker may take to start and build its envs (a
+            replacement's build counts against this, never against ``step_timeout``).
         max_restarts / restart_window: at most this many restarts of one slot within the
-            window (seconds); beyond that ``RestartBudgetExceeded`` is raised.
+            window (seconds); beyond that ``on_budget_exhausted`` applies.
         recycle_after_episodes / max_worker_rss: replace a worker at an episode boundary
             after that many episodes / once its resident memory exceeds that many bytes
             (needs ``envs_per_worker=1``).
+        recycle_grace: seconds a recycled worker may take to close its envs and exit
+            before it is killed (it does so while its successor starts).
         ring_depth: result slots per env (>= 2).
         max_payload_bytes: ceiling of the side buffer that carries infos and call results.
         validate_actions: check actions against the action space before sending (bounds too).
         batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
             to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
-            the semaphore. 0 (default) always sleeps: measured on a loaded 2-core VM, a
-            50 us spin made the round trip 5x slower because the spinner shared a core with
-            the process it waited for. Use it only with cores to spare.
+            the semaphore. 0 (default) always sleeps: on a loaded 2-core VM a spinner that
+            shares a core with the process it waits for makes round trips slower.
+        observation_mode: ``"same"`` only (every env has env 0's observation space).
         daemon: start workers as daemon processes.
     """
 
-    _closed_state = None
     _resources: _Resources | None = None
+    _sup: Supervisor | None = None
 
     def __init__(
         self,
@@ -124,6 +137,7 @@ class FastVectorEnv(VectorEnv):
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         envs_per_worker: int = 1,
         on_failure: str = "respawn",
+        on_budget_exhausted: str = "raise",
         heartbeat_interval: float = 0.05,
         heartbeat_timeout: float = 5.0,
         step_timeout: float | None = None,
@@ -132,6 +146,7 @@ class FastVectorEnv(VectorEnv):
         restart_window: float = 60.0,
         recycle_after_episodes: int | None = None,
         max_worker_rss: int | None = None,
+        recycle_grace: float = 5.0,
         ring_depth: int = 2,
         max_payload_bytes: int = 1 << 30,
         validate_actions: bool = True,
@@ -143,48 +158,26 @@ class FastVectorEnv(VectorEnv):
         self._state = State.DEFAULT
         self.closed = False
         env_fns = list(env_fns)
-        if not env_fns:
-            raise ValueError("FastVectorEnv needs at least one env_fn")
-        if envs_per_worker < 1 or envs_per_worker > 63:
-            raise ValueError(f"envs_per_worker must be in 1..63, got {envs_per_worker}")
-        if on_failure not in ("respawn", "raise"):
-            raise ValueError(f"on_failure must be 'respawn' or 'raise', got {on_failure!r}")
-        if ring_depth < 2:
-            raise ValueError(f"ring_depth must be >= 2, got {ring_depth}")
         if observation_mode != "same":
             raise ValueError("FastVectorEnv supports observation_mode='same' only: every env must "
                              "have the observation space of env 0")
-        if batch_size is not None:
-            if not 1 <= batch_size <= len(env_fns):
-                raise ValueError(f"batch_size must be in 1..{len(env_fns)}, got {batch_size}")
-            if envs_per_worker != 1 or AutoresetMode(autoreset_mode) != AutoresetMode.NEXT_STEP:
-                raise ValueError("batch_size (send/recv) needs envs_per_worker=1 and "
-                                 "autoreset_mode=NEXT_STEP")
-        if (recycle_after_episodes or max_worker_rss) and envs_per_worker != 1:
-            raise ValueError("recycle_after_episodes / max_worker_rss replace a worker at an "
-                             "episode boundary, which needs envs_per_worker=1")
-        for name, value in (("heartbeat_interval", heartbeat_interval),
-                            ("heartbeat_timeout", heartbeat_timeout),
-                            ("start_timeout", start_timeout)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if heartbeat_timeout <= 2 * heartbeat_interval:
-            raise ValueError("heartbeat_timeout must exceed two heartbeat intervals")
-        if step_timeout is not None and not step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 or None, got {step_timeout}")
+        opts = self.options = Options(
+            context=context, copy=copy, autoreset_mode=autoreset_mode,
+            envs_per_worker=envs_per_worker, on_failure=on_failure,
+            on_budget_exhausted=on_budget_exhausted, heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout, step_timeout=step_timeout,
+            start_timeout=start_timeout, max_restarts=max_restarts,
+            restart_window=restart_window, recycle_after_episodes=recycle_after_episodes,
+            max_worker_rss=max_worker_rss, recycle_grace=recycle_grace, ring_depth=ring_depth,
+            max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
+            spin_us=spin_us, batch_size=batch_size, daemon=daemon)
+        opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns
         self.num_envs = len(env_fns)
-        self.copy = copy
-        self.context = context
-        self.autoreset_mode = AutoresetMode(autoreset_mode)
-        self.envs_per_worker = envs_per_worker
-        self.on_failure = on_failure
-        self.recycle_after_episodes = recycle_after_episodes
-        self.max_worker_rss = max_worker_rss
-        self.validate_actions = validate_actions
-        self.ring_depth = ring_depth
-        self.batch_size = batch_size
+        self.copy = opts.copy
+        self.autoreset_mode = opts.autoreset_mode
+        self.batch_size = opts.batch_size
 
         dummy = env_fns[0]()
         try:
@@ -198,18 +191,14 @@ class FastVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
-        k = envs_per_worker
-        n_workers = -(-self.num_envs // k)
-        if spin_us < 0:
-            raise ValueError(f"spin_us must be >= 0, got {spin_us}")
-        if spin_us and n_workers + 1 > len(os.sched_getaffinity(0)):
-            log.warning("spin_us=%s with %d workers on %d cores: spinners outnumber cores, "
-                        "throughput may collapse", spin_us, n_workers,
-                        len(os.sched_getaffinity(0)))
-        self.spin_us = spin_us
+        k = opts.envs_per_worker
         slots_envs = [tuple(range(i, min(i + k, self.num_envs))) for i in range(0, self.num_envs, k)]
+        cores = len(os.sched_getaffinity(0))
+        if opts.spin_us and len(slots_envs) + 1 > cores:
+            log.warning("spin_us=%s with %d workers on %d cores: spinners outnumber cores, "
+                        "throughput may collapse", opts.spin_us, len(slots_envs), cores)
         self._plan = Plan(self.single_observation_space, self.single_action_space,
-                          self.num_envs, len(slots_envs), ring_depth)
+                          self.num_envs, len(slots_envs), opts.ring_depth)
 
         sweep_stale()
         res = self._resources = _Resources()
@@ -220,28 +209,24 @@ class FastVectorEnv(VectorEnv):
             res.main = Segment(prefix + "main", self._plan.size, create=True)
             self._views = self._plan.views(res.main.mm)
             res.supervisor = self._sup = Supervisor(
-                ctx=multiprocessing.get_context(context), prefix=prefix, names=res.names,
-                main=res.main, plan=self._plan, slots_envs=slots_envs,
+                options=opts, ctx=multiprocessing.get_context(opts.context), prefix=prefix,
+                names=res.names, main=res.main, plan=self._plan, slots_envs=slots_envs,
                 env_fns=[CloudpickleWrapper(fn) for fn in env_fns],
-                autoreset_mode=self.autoreset_mode.value,
-                single_spaces=(self.single_observation_space, self.single_action_space),
-                heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                step_timeout=step_timeout, start_timeout=start_timeout,
-                max_restarts=max_restarts, restart_window=restart_window,
-                max_payload_bytes=max_payload_bytes, spin_us=spin_us, daemon=daemon)
+                single_spaces=(self.single_observation_space, self.single_action_space))
             for slot in self._sup.slots:
-                self._sup.start_slot(slot)
+                self._sup.start_process(slot)
             self._sup.start_watchdog()
-            failed = self._sup.wait(self._sup.slots, start_timeout)
-            if failed:
-                raise self._failure_error(failed[0], self._failure_of(failed[0]),
-                                          "while starting its envs")
+            failures = self._sup.await_ready(self._sup.slots)
+            if failures:
+                slot, failure = next(iter(failures.items()))
+                raise self._failure_error(slot, failure, "while starting its envs")
         except BaseException:
             self._views = None
             self._finalizer()
             self.closed = True
             raise
 
+        self._recovery = Recovery(self)
         self._ring = 0  # ring slot holding the latest results of a lockstep call
         self._env_ring = np.zeros(self.num_envs, np.int64)  # ... of each env (send/recv)
         self._inflight = np.zeros(self.num_envs, np.bool_)
@@ -249,7 +234,7 @@ class FastVectorEnv(VectorEnv):
         self._base_seeds: list[int | None] = [None] * self.num_envs
         self._restarts = np.zeros(self.num_envs, np.int64)
         self._needs_reset = np.zeros(self.num_envs, np.bool_)
-        self._pending: tuple = ()
+        self._pending: PendingReset | PendingStep | None = None
         self._action_history = [np.zeros((4, *a.shape), a.dtype) for a in self._views.act]
         self._steps = 0
 
@@ -263,8 +248,8 @@ class FastVectorEnv(VectorEnv):
         return self.get_attr("np_random")
 
     def health(self) -> list[dict]:
-        """Per worker: pid, restarts and their reasons, last failure, requests, episodes,
-        resident memory and step-latency percentiles (ms) over the latest steps."""
+        """Per worker: pid, whether it is disabled, restarts and their reasons, last
+        failure, requests, episodes, resident memory and step-latency percentiles (ms)."""
         self._assert_open()
         return self._sup.health()
 
@@ -303,53 +288,90 @@ class FastVectorEnv(VectorEnv):
         for i in np.flatnonzero(mask):
             if seeds[i] is not None:
                 self._base_seeds[i] = int(seeds[i])
-
-        if self.max_worker_rss or self.recycle_after_episodes:
-            self._recycle_due(mask, None)
         self._align_rings()
 
-        r = (self._ring + 1) % self.ring_depth
+        touched = [s for s in self._sup.slots if any(mask[i] for i in s.env_indices)]
+        disabled = [s for s in touched if s.disabled is not None]
+        if disabled:
+            self._recovery.reenable(disabled)
+        if self.options.recycling:
+            due = [s for s in touched if s.serving and self._recovery.recycle_reason(s)]
+            if due:
+                self._recovery.recycle(due, ReplacementPlan(when=When.NEVER))
+
+        r = (self._ring + 1) % self.options.ring_depth
         requests = []
-        for slot in self._sup.slots:
+        for slot in touched:
+            if slot.disabled is not None:
+                continue
             bits = sum(1 << j for j, i in enumerate(slot.env_indices) if mask[i])
-            if bits:
-                payload = ([seeds[i] for i in slot.env_indices], options)
-                requests.append((slot, bits, put_pickle(slot.payload, payload,
-                                                        self._sup.max_payload_bytes)))
-        self._sup.send([(slot, _ring.OP_RESET, r, nbytes, bits)  # all payloads fit: send
-                        for slot, bits, nbytes in requests])
-        active = [slot for slot, _, _ in requests]
-        self._pending = (r, mask, active, seeds, options)
+            payload = ([seeds[i] for i in slot.env_indices],
+                       [options] * len(slot.env_indices))
+            requests.append((slot, _ring.OP_RESET, r,
+                             put_pickle(slot.payload, payload, self.options.max_payload_bytes),
+                             bits))
+        self._sup.send(requests)  # all payloads fit: send
+        self._pending = PendingReset(r, mask, [item[0] for item in requests], seeds, options)
         self._state = State.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_RESET, "reset_wait", "reset_async")
-        r, mask, active, seeds, options = self._pending
-        failed = self._sup.wait(active, timeout)
-        infos: dict = {}
-        restarted = []
-        while failed:
-            slot = failed.pop()
-            failure = self._failure_of(slot)
+        p: PendingReset = self._pending
+        failed = self._sup.wait(p.slots, timeout)
+        self._state = State.DEFAULT
+        r, mask = p.ring, p.mask
+        usage, user_errors, crashed = [], [], []
+        for slot in failed:
+            failure = self._sup.failure_of(slot)
             if failure.reason == "mismatch":
-                self._state = State.DEFAULT
-                raise self._failure_error(slot, failure, "in reset")
-            # A reset that failed is run again, with the same seeds, by the new worker.
-            replay = ("now", [seeds[i] for i in slot.env_indices], r)
-            self._replace(slot, failure, replay)
-            restarted.append((slot, failure))
-            failed += self._sup.wait([slot], self._sup.start_timeout)
-        for slot in active:
-            self._collect_infos(slot, infos)
-        for slot, failure in restarted:
+                usage.append((slot, failure))
+            elif failure.reason == "exception":
+                user_errors.append((slot, failure))  # the env raised: the worker lives on
+            else:
+                crashed.append((slot, failure))
+        # A worker that died, froze or hung in this reset: its replacement replays the
+        # reset (the user's seeds and options for the masked envs, derived seeds for the
+        # others of that worker, which lose their episode and are flagged).
+        items = []
+        for slot, failure in crashed:
+            pos = [j for j, i in enumerate(slot.env_indices) if mask[i]]
+            items.append((slot, failure, ReplacementPlan(
+                when=When.NOW, ring=r, user_reset=True,
+                seeds={j: p.seeds[slot.env_indices[j]] for j in pos},
+                options={j: p.options for j in pos})))
+        if items:
+            user_errors += [(e.slot, e.failure) for e in self._recovery.replace(items)]
+        if usage:
+            raise self._failure_error(*usage[0], "in reset")
+        if user_errors:
+            self._raise_user_error(*user_errors[0])
+
+        infos: dict = {}
+        replaced = {slot for slot, _ in crashed if slot.disabled is None}
+        keep = ~mask
+        for slot in p.slots:
+            if slot in replaced:
+                keep[list(slot.env_indices)] = False
+            if slot.disabled is None:
+                self._collect_infos(slot, infos)
+        for slot, failure in crashed:
+            flag = self._disabled_info(slot.disabled) if slot.disabled else self._restart_info(failure)
             for i in slot.env_indices:
-                infos = self._add_info(infos, self._restart_info(failure), i)
-        self._carry(np.flatnonzero(~mask), r)
+                infos = self._add_info(infos, flag, i)
+        for slot in self._sup.slots:
+            if slot.disabled is not None:
+                keep[list(slot.env_indices)] = True
+                if slot not in {s for s, _ in crashed}:
+                    for i in slot.env_indices:
+                        if mask[i]:
+                            infos = self._add_info(infos, self._disabled_info(slot.disabled), i)
+            elif slot.lost is not None and all(mask[i] for i in slot.env_indices):
+                slot.lost = None  # its envs were just reset: nothing left to report
+        self._carry(np.flatnonzero(keep), r)
         self._needs_reset[mask] = False
         self._ring = r
         self._env_ring[:] = r
-        self._state = State.DEFAULT
-        self._raise_if_policy(restarted)
+        self._raise_if_policy([(s, f) for s, f in crashed])
         return self._observations(r), infos
 
     # -- step ----------------------------------------------------------------------------------
@@ -364,177 +386,107 @@ class FastVectorEnv(VectorEnv):
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended their episode and "
                 "autoreset_mode is DISABLED: reset them first with "
                 "reset(options={'reset_mask': mask})")
-        try:
-            flat = flatten(self.single_action_space, actions)
-        except SpaceMismatchError as exc:
-            raise InvalidActionError(f"actions do not have the structure of {self.action_space}: "
-                                     f"{exc}") from None
-        if self.validate_actions:
-            flat = check_actions(self._plan.act_leaves, flat, self.num_envs)
-        else:
-            flat = [np.asarray(a) for a in flat]
+        flat = self._flat_actions(actions, self.num_envs)
         h = self._steps % 4
         for view, hist, arr in zip(self._views.act, self._action_history, flat):
             np.copyto(view, arr, casting="unsafe")
             hist[h] = view
         self._align_rings()
-        r = (self._ring + 1) % self.ring_depth
-        self._sup.send([(slot, _ring.OP_STEP, r, 0, None) for slot in self._sup.slots])
-        self._pending = (r,)
+        r = (self._ring + 1) % self.options.ring_depth
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        requests, lost = [], []
+        for slot in self._sup.slots:
+            if slot.disabled is not None:
+                continue
+            if slot.lost is not None:
+                lost.append(slot)
+                if same_step:  # its new worker starts the next episode in this step
+                    n = put_pickle(slot.payload, ([None] * len(slot.env_indices),
+                                                  [None] * len(slot.env_indices)),
+                                   self.options.max_payload_bytes)
+                    requests.append((slot, _ring.OP_RESET, r, n, None))
+                continue
+            requests.append((slot, _ring.OP_STEP, r, 0, None))
+        self._sup.send(requests)
+        self._pending = PendingStep(r, [item[0] for item in requests], lost)
         self._state = State.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_STEP, "step_wait", "step_async")
-        (r,) = self._pending
-        v = self._views
-        failed = self._sup.wait(self._sup.slots, timeout)
+        p: PendingStep = self._pending
+        r, v = p.ring, self._views
+        failed = self._sup.wait(p.slots, timeout)
+        self._state = State.DEFAULT
         self._steps += 1
         for slot in failed:
-            if slot.ctl.status == _ring.ST_MISMATCH and slot.failure is None:
-                self._state = State.DEFAULT
-                raise self._failure_error(slot, self._failure_of(slot), "in step")
-        infos: dict = {}
-        restarted = []
-        for slot in failed:
-            failure = self._failure_of(slot)
-            restarted.append((slot, failure))
-            if self.autoreset_mode == AutoresetMode.SAME_STEP:
-                self._respawn_same_step(slot, failure, r, infos)
-            else:
-                self._replace(slot, failure, ("pending", self._derived_seeds(slot)))
-                self._carry(slot.env_indices, r)
-            idx = list(slot.env_indices)
-            v.reward[r, idx] = 0.0
-            v.terminated[r, idx] = False
-            v.truncated[r, idx] = True
-        failed_set = set(failed)
-        recycle = self.recycle_after_episodes or self.max_worker_rss
+            failure = self._sup.failure_of(slot)
+            if failure.reason == "mismatch":
+                raise self._failure_error(slot, failure, "in step")
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        infos: dict = {}
+        # Workers that failed in this step, and those replaced earlier (in a call): each of
+        # their envs ends its episode truncated, reward 0, with its last observation.
+        crashed = [(slot, self._sup.failure_of(slot)) for slot in failed]
+        lost = [slot for slot in p.lost if slot not in failed]
+        last = {i: self._row(self._env_ring[i], i)
+                for slot in [*failed, *lost] for i in slot.env_indices}
+        if crashed:
+            plan = ReplacementPlan(when=When.NOW if same_step else When.NEXT, ring=r)
+            self._recovery.replace([(slot, failure, plan) for slot, failure in crashed])
+        restarted = crashed + [(slot, slot.lost) for slot in lost]
+        for slot in p.lost:
+            slot.lost = None
+        reported = set()
+        for slot, failure in restarted:
+            reported.add(slot)
+            self._truncate(slot, r)
+            fresh = same_step and slot.disabled is None  # a new episode started in this step
+            if not fresh:
+                self._carry(slot.env_indices, r)
+            for i in slot.env_indices:
+                if same_step:
+                    infos = self._add_info(infos, {"final_obs": last[i], "final_info": {}}, i)
+                infos = self._add_info(infos, self._disabled_info(slot.disabled) if slot.disabled
+                                       else self._restart_info(failure), i)
+            if fresh:
+                self._collect_infos(slot, infos)
+        for slot in self._sup.slots:
+            if slot.disabled is not None and slot not in reported:
+                reported.add(slot)
+                self._report_disabled(slot, r, infos)
         terminated = v.terminated[r].copy()
         truncated = v.truncated[r].copy()
         done = terminated | truncated
+        due = []
+        if self.options.recycling:
+            due = [s for s in self._sup.slots if s not in reported and s.serving
+                   and done[s.env_indices[0]] and self._recovery.recycle_reason(s)]
         for slot in self._sup.slots:
-            if slot in failed_set:
+            if slot in reported:
                 continue
-            if recycle and same_step and done[slot.env_indices[0]] and self._recycle_reason(slot):
-                self._recycle_same_step(slot, r, infos)
+            if same_step and slot in due:
+                self._keep_final(slot, infos)  # the new worker's reset infos follow
             else:
                 self._collect_infos(slot, infos)
-        for slot, failure in restarted:
-            for i in slot.env_indices:
-                infos = self._add_info(infos, self._restart_info(failure), i)
-        self._sup.record_latency([s for s in self._sup.slots if s not in failed_set])
+        if due:
+            if same_step:  # the next episode must come from the new worker: it resets now
+                self._recovery.recycle(due, ReplacementPlan(when=When.NOW, ring=r))
+                for slot in due:
+                    self._collect_infos(slot, infos)
+            else:
+                self._recovery.recycle(due, ReplacementPlan(when=When.NEXT))
+        self._sup.record_latency([s for s in p.slots if s not in reported])
         if self.autoreset_mode == AutoresetMode.DISABLED:
-            self._needs_reset |= done
-        elif recycle and not same_step and done.any():
-            self._recycle_due(done, r)
+            disabled = np.zeros(self.num_envs, np.bool_)
+            for slot in self._sup.slots:
+                if slot.disabled is not None:
+                    disabled[list(slot.env_indices)] = True
+            self._needs_reset |= done & ~disabled
         self._ring = r
         self._env_ring[:] = r
-        self._state = State.DEFAULT
         self._raise_if_policy(restarted)
-        return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
-
-    @property
-    def stepping(self) -> np.ndarray:
-        """Indices of the envs sent (``send``) and not yet received (``recv``)."""
-        return np.flatnonzero(self._inflight)
-
-    # -- first-ready batches (send/recv) ----------------------------------------------------------
-    def send(self, actions, env_ids=None) -> None:
-        """Start one step of the envs ``env_ids`` (default: all) with ``actions[j]`` for
-        ``env_ids[j]``, and return at once. Needs ``batch_size``; see :meth:`recv`."""
-        self._assert_open()
-        if self.batch_size is None:
-            raise FastVecError("send()/recv() need FastVectorEnv(..., batch_size=k)")
-        if self._state != State.DEFAULT:
-            raise AlreadyPendingCallError(f"send() called while a {self._state.value}_async() "
-                                          f"is pending", self._state.value)
-        ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids).reshape(-1)
-        if ids.dtype.kind not in "iu" or len(np.unique(ids)) != len(ids) or (
-                len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
-            raise ValueError(f"env_ids must be distinct env indices in 0..{self.num_envs - 1}, "
-                             f"got {env_ids!r}")
-        busy = ids[self._inflight[ids]]
-        if len(busy):
-            raise AlreadyPendingCallError(f"envs {busy.tolist()} are still stepping; recv() "
-                                          "them before sending them again", "recv")
-        try:
-            flat = flatten(self.single_action_space, actions)
-        except SpaceMismatchError as exc:
-            raise InvalidActionError(f"actions do not fit {self.single_action_space}: {exc}") from None
-        flat = (check_actions(self._plan.act_leaves, flat, len(ids)) if self.validate_actions
-                else [np.asarray(a) for a in flat])
-        h = self._steps % 4
-        for view, hist, arr in zip(self._views.act, self._action_history, flat):
-            view[ids] = arr
-            hist[h][ids] = arr
-        for i in ids:
-            slot = self._env_to_slot[i]
-            self._sup.request(slot, _ring.OP_STEP, int((self._env_ring[i] + 1) % self.ring_depth))
-        self._inflight[ids] = True
-
-    def recv(self, timeout: float | None = None):
-        """Results of ``batch_size`` envs that finished their step (fewer if fewer are
-        stepping; the longest-waiting first), as ``(obs, rewards, terminations, truncations,
-        infos, env_ids)``, batched over ``env_ids`` (ascending). Envs reset themselves as in
-        NEXT_STEP mode. A failed worker's env comes back truncated and flagged, as in
-        :meth:`step`."""
-        self._assert_open()
-        flying = [self._env_to_slot[i] for i in np.flatnonzero(self._inflight)]
-        if not flying:
-            raise NoAsyncCallError("recv() called with no env stepping; send() first", "send")
-        count = min(self.batch_size, len(flying))
-        ready, failed = self._sup.wait_any(flying, count, timeout)
-        # Exactly `count`, oldest requests first: nobody starves behind fast envs.
-        chosen = sorted(ready + failed, key=lambda s: s.expected)[:count]
-        ready = [s for s in ready if s in chosen]
-        failed = [s for s in failed if s in chosen]
-        self._steps += 1
-        for slot in ready:
-            if slot.ctl.status == _ring.ST_MISMATCH and slot.failure is None:
-                self._inflight[slot.env_indices[0]] = False
-                raise self._failure_error(slot, self._failure_of(slot), "in step")
-        done_slots = sorted(ready + failed, key=lambda s: s.env_indices[0])
-        ids = np.array([s.env_indices[0] for s in done_slots], np.int64)
-        rings = (self._env_ring[ids] + 1) % self.ring_depth
-        v = self._views
-        infos: dict = {}
-        batch = _BatchInfos(len(ids))
-        restarted = []
-        for j, slot in enumerate(done_slots):
-            i = int(ids[j])
-            if slot in failed:
-                failure = self._failure_of(slot)
-                restarted.append((slot, failure))
-                self._replace(slot, failure, ("pending", self._derived_seeds(slot)))
-                self._carry([i], int(rings[j]))
-                v.reward[rings[j], i], v.terminated[rings[j], i] = 0.0, False
-                v.truncated[rings[j], i] = True
-                batch._add_info(infos, self._restart_info(failure), j)
-            elif slot.ctl.resp_payload_len:
-                (info,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
-                if info:
-                    batch._add_info(infos, info, j)
-        rows = rings * self.num_envs + ids
-        obs = []
-        for region in v.obs:
-            flat_rows = region.reshape(self.ring_depth * self.num_envs, *region.shape[2:])
-            out = np.empty((len(ids), *region.shape[2:]), region.dtype)
-            _raster.gather_rows(out, flat_rows, rows)
-            obs.append(out)
-        rewards = v.reward[rings, ids].copy()
-        terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
-        self._env_ring[ids] = rings
-        self._inflight[ids] = False
-        self._sup.record_latency(ready)
-        if self.recycle_after_episodes or self.max_worker_rss:
-            done = np.zeros(self.num_envs, np.bool_)
-            done[ids] = terminated | truncated
-            if done.any():
-                self._recycle_due(done, 0)
-        self._raise_if_policy(restarted)
-        return (unflatten(self.single_observation_space, obs), rewards, terminated, truncated,
-                infos, ids)
+        return (self._observations(r), v.reward[r].copy(), v.terminated[r].copy(),
+                v.truncated[r].copy(), infos)
 
     # -- call / attributes -------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -546,14 +498,12 @@ class FastVectorEnv(VectorEnv):
         if name in ("reset", "step", "close"):
             raise ValueError(f"Trying to call function `{name}` with `call`, "
                              f"use `{name}` directly instead.")
-        sizes = [put_pickle(slot.payload, (name, args, kwargs), self._sup.max_payload_bytes)
-                 for slot in self._sup.slots]
-        self._sup.send([(slot, _ring.OP_CALL, 0, n, None) for slot, n in zip(self._sup.slots, sizes)])
+        self._send_to_all(_ring.OP_CALL, lambda slot: (name, args, kwargs))
         self._state = State.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         self._assert_waiting(State.WAITING_CALL, "call_wait", "call_async")
-        return self._gather_calls(self._sup.wait(self._sup.slots, timeout))
+        return self._gather_calls(self._sup.wait(self._pending, timeout))
 
     def render(self):
         return self.call("render")
@@ -569,39 +519,54 @@ class FastVectorEnv(VectorEnv):
             raise ValueError("Values must be a list or tuple with length equal to the number of "
                              f"environments. Got `{len(values)}` values for {self.num_envs} "
                              "environments.")
-        sizes = [put_pickle(slot.payload, (name, [values[i] for i in slot.env_indices]),
-                            self._sup.max_payload_bytes) for slot in self._sup.slots]
-        self._sup.send([(slot, _ring.OP_SET_ATTR, 0, n, None)  # all payloads fit: send
-                        for slot, n in zip(self._sup.slots, sizes)])
+        self._send_to_all(_ring.OP_SET_ATTR,
+                          lambda slot: (name, [values[i] for i in slot.env_indices]))
         self._state = State.WAITING_CALL
-        self._gather_calls(self._sup.wait(self._sup.slots, None), results=False)
+        self._gather_calls(self._sup.wait(self._pending, None), results=False)
+
+    def _send_to_all(self, op: int, payload_of) -> None:
+        slots = [s for s in self._sup.slots if s.disabled is None]
+        sizes = [put_pickle(slot.payload, payload_of(slot), self.options.max_payload_bytes)
+                 for slot in slots]
+        self._sup.send([(slot, op, 0, n, None) for slot, n in zip(slots, sizes)])  # all fit
+        self._pending = slots
 
     def _gather_calls(self, failed: list[Slot], results: bool = True):
         self._state = State.DEFAULT
-        for slot in failed:
-            failure = self._failure_of(slot)
+        errors = [(slot, self._sup.failure_of(slot)) for slot in failed]
+        crashed = [(s, f) for s, f in errors if f.reason not in ("exception", "mismatch")]
+        if crashed:
+            # The worker itself is gone: replace it now (its envs' episodes are lost and the
+            # next step reports them), then report the call's failure.
+            self._recovery.replace([(s, f, ReplacementPlan(when=When.NEXT)) for s, f in crashed])
+            for slot, failure in crashed:
+                if slot.disabled is None:
+                    slot.lost = failure
+        for slot, failure in errors:
             if failure.reason == "exception":
-                exc, tb = failure.remote
-                if isinstance(exc, BaseException):
-                    raise exc from RemoteTraceback(tb)
-                raise self._failure_error(slot, failure, "in a call")
-            # The worker itself is gone: replace it, then report.
-            self._replace(slot, failure, ("pending", self._derived_seeds(slot)))
-            raise self._failure_error(slot, failure, "in a call")
+                self._raise_user_error(slot, failure)
+        if errors:
+            raise self._failure_error(*errors[0], "in a call")
         if not results:
             return None
         out: list = []
         for slot in self._sup.slots:
-            out.extend(get_pickle(slot.payload, slot.ctl.resp_payload_len))
+            if slot.disabled is not None:
+                out.extend([None] * len(slot.env_indices))
+            else:
+                out.extend(get_pickle(slot.payload, slot.ctl.resp_payload_len))
         return tuple(out)
 
     # -- closing ---------------------------------------------------------------------------------
     def close_extras(self, timeout: float | None = None, terminate: bool = False, **kwargs) -> None:
+        """Close in stages, bounded: wait (at most ``timeout``) for a pending call, ask the
+        workers to close their envs (at most ``timeout``, default 5 s), then terminate and
+        kill whatever is left."""
         if self._resources is None:
             return
         if self._state != State.DEFAULT and not terminate:
             try:
-                getattr(self, f"{self._state.value}_wait")(timeout)
+                getattr(self, f"{self._state.value}_wait")(5.0 if timeout is None else timeout)
             except Exception:  # noqa: BLE001 - closing anyway, in stages
                 terminate = True
         self._state = State.DEFAULT
@@ -609,6 +574,11 @@ class FastVectorEnv(VectorEnv):
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
+
+    def _close_broken(self) -> None:
+        """The env cannot go on (restart budget spent): close it, later calls raise."""
+        self._state = State.DEFAULT
+        self.close(terminate=True)
 
     def __enter__(self) -> "FastVectorEnv":
         return self
@@ -642,11 +612,25 @@ class FastVectorEnv(VectorEnv):
             raise NoAsyncCallError(f"{call}() called without a pending {needed}(); call "
                                    f"{needed}() first", state.value)
 
+    def _flat_actions(self, actions, n: int) -> list:
+        try:
+            flat = flatten(self.single_action_space, actions)
+        except SpaceMismatchError as exc:
+            raise InvalidActionError(f"actions do not have the structure of "
+                                     f"{self.single_action_space} (batched): {exc}") from None
+        if self.options.validate_actions:
+            return check_actions(self._plan.act_leaves, flat, n)
+        return [np.asarray(a) for a in flat]
+
     def _observations(self, r: int):
         leaves = [region[r] for region in self._views.obs]
         if self.copy:
             leaves = [np.array(x) for x in leaves]
         return unflatten(self.single_observation_space, leaves)
+
+    def _row(self, r: int, i: int):
+        return unflatten(self.single_observation_space,
+                         [np.array(region[r, i]) for region in self._views.obs])
 
     def _carry(self, env_ids, r: int) -> None:
         """Copy the latest observation rows of ``env_ids`` into ring slot ``r``."""
@@ -665,8 +649,25 @@ class FastVectorEnv(VectorEnv):
                 "send(); recv() them before a lockstep call", "recv")
         off = np.flatnonzero(self._env_ring != self._ring)
         if len(off):
-            self._carry(off, self._ring)  # note: _carry reads self._env_ring per env
+            self._carry(off, self._ring)
             self._env_ring[:] = self._ring
+
+    def _truncate(self, slot: Slot, r: int) -> None:
+        idx = list(slot.env_indices)
+        v = self._views
+        v.reward[r, idx] = 0.0
+        v.terminated[r, idx] = False
+        v.truncated[r, idx] = True
+
+    def _report_disabled(self, slot: Slot, r: int, infos: dict) -> None:
+        self._truncate(slot, r)
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        for i in slot.env_indices:
+            if same_step:
+                self._add_info(infos, {"final_obs": self._row(self._env_ring[i], i),
+                                       "final_info": {}}, i)
+            self._add_info(infos, self._disabled_info(slot.disabled), i)
+        self._carry(slot.env_indices, r)
 
     def _collect_infos(self, slot: Slot, infos: dict) -> None:
         n = slot.ctl.resp_payload_len
@@ -676,17 +677,15 @@ class FastVectorEnv(VectorEnv):
             if info:
                 self._add_info(infos, info, i)
 
-    def _failure_of(self, slot: Slot) -> Failure:
-        if slot.failure is not None:
-            return slot.failure
-        try:
-            exc, tb = get_pickle(slot.payload, slot.ctl.resp_payload_len)
-        except Exception as read_err:  # noqa: BLE001 - report, never crash the parent
-            exc, tb = None, f"(the worker's error could not be read: {read_err!r})"
-        if slot.ctl.status == _ring.ST_MISMATCH:
-            return Failure("mismatch", str(exc), remote=(exc, tb))
-        what = f"{type(exc).__name__}: {exc}" if exc is not None else tb.strip().splitlines()[-1]
-        return Failure("exception", what, remote=(exc, tb))
+    def _keep_final(self, slot: Slot, infos: dict) -> None:
+        """SAME_STEP recycling: keep the old worker's final_obs / final_info only."""
+        n = slot.ctl.resp_payload_len
+        if not n:
+            return
+        for i, info in zip(slot.env_indices, get_pickle(slot.payload, n)):
+            if info:
+                self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
+                                       if key in info}, i)
 
     def _failure_error(self, slot: Slot, failure: Failure, when: str) -> FastVecError:
         if failure.reason == "mismatch":
@@ -701,31 +700,17 @@ class FastVectorEnv(VectorEnv):
                 detail=failure.detail, exitcode=failure.exitcode)
         if failure.remote is not None:
             err.__cause__ = RemoteTraceback(failure.remote[1])
+        elif failure.cause is not None:
+            err.__cause__ = failure.cause
         return err
 
-    def _derived_seeds(self, slot: Slot) -> list[int | None]:
-        """Seeds for the envs of the slot's next worker, from the original seed and the
-        number of replacements (restarts and recycles) of the slot."""
-        out = []
-        for i in slot.env_indices:
-            base = self._base_seeds[i]
-            if base is None:
-                out.append(None)
-            else:
-                ss = np.random.SeedSequence([base, i, slot.generation + 1])
-                out.append(int(ss.generate_state(1, np.uint32)[0]))
-        return out
-
-    def _replace(self, slot: Slot, failure: Failure, initial_reset, planned: bool = False) -> None:
-        if not planned:
-            self._restarts[list(slot.env_indices)] += 1
-            self._log_failure(slot, failure)
-        try:
-            self._sup.replace(slot, failure, initial_reset, planned=planned)
-        except RestartBudgetExceeded:
-            self._state = State.DEFAULT
-            self.close(terminate=True)  # broken for good: later calls raise ClosedEnvError
-            raise
+    def _raise_user_error(self, slot: Slot, failure: Failure):
+        """The env raised in a reset or call the user made: raise it with its own type,
+        the worker's traceback chained (the worker lives on)."""
+        exc, tb = failure.remote or (None, failure.detail)
+        if isinstance(exc, BaseException):
+            raise exc from RemoteTraceback(tb)
+        raise self._failure_error(slot, failure, "in a call")
 
     def _recent_actions(self, i: int) -> list:
         """Env i's last (up to 4) actions, oldest first; one list of leaves per action."""
@@ -743,101 +728,17 @@ class FastVectorEnv(VectorEnv):
             int(self._restarts[slot.env_indices[0]]), recent,
             f"\nremote traceback:\n{failure.remote[1]}" if failure.remote else "")
 
-    def _respawn_same_step(self, slot: Slot, failure: Failure, r: int, infos: dict) -> None:
-        """SAME_STEP: the new worker resets at once and the step returns that observation."""
-        last = {i: self._row(self._env_ring[i], i) for i in slot.env_indices}
-        self._replace(slot, failure, ("now", self._derived_seeds(slot), r))
-        while self._sup.wait([slot], self._sup.start_timeout):
-            failure2 = self._failure_of(slot)
-            self._replace(slot, failure2, ("now", self._derived_seeds(slot), r))
-        for i in slot.env_indices:
-            self._add_info(infos, {"final_obs": last[i], "final_info": {}}, i)
-        self._collect_infos(slot, infos)
-
-    def _row(self, r: int, i: int):
-        return unflatten(self.single_observation_space,
-                         [np.array(region[r, i]) for region in self._views.obs])
-
-    def _restart_info(self, failure: Failure) -> dict:
+    @staticmethod
+    def _restart_info(failure: Failure) -> dict:
         return {"worker_restarted": True,
                 "worker_restart_reason": f"{failure.reason}: {failure.detail}"}
 
+    @staticmethod
+    def _disabled_info(failure: Failure) -> dict:
+        return {"env_disabled": True,
+                "env_disabled_reason": f"{failure.reason}: {failure.detail}"}
+
     def _raise_if_policy(self, restarted: list) -> None:
-        if restarted and self.on_failure == "raise":
+        if restarted and self.options.on_failure == "raise":
             slot, failure = restarted[0]
             raise self._failure_error(slot, failure, "(the worker was replaced)")
-
-    def _recycle_reason(self, slot: Slot) -> str | None:
-        ctl = slot.ctl
-        if self.recycle_after_episodes and ctl.episodes >= self.recycle_after_episodes:
-            return f"recycled after {ctl.episodes} episodes"
-        if self.max_worker_rss and ctl.rss_bytes > self.max_worker_rss:
-            return f"recycled at {ctl.rss_bytes} bytes resident > max_worker_rss"
-        return None
-
-    def _recycle_same_step(self, slot: Slot, r: int, infos: dict) -> None:
-        """SAME_STEP: the old worker's episode ended in this step; keep its final_obs and
-        final_info, and let a new worker start the next episode in the same step."""
-        (i,) = slot.env_indices
-        n = slot.ctl.resp_payload_len
-        (info,) = get_pickle(slot.payload, n) if n else (None,)
-        self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
-                               if info and key in info}, i)
-        reason = self._recycle_reason(slot)
-        log.info("worker %d (env %d): %s", slot.index, i, reason)
-        self._sup.replace(slot, Failure("recycle", reason), ("now", self._derived_seeds(slot), r),
-                          planned=True)
-        if self._sup.wait([slot], self._sup.start_timeout):
-            raise self._failure_error(slot, self._failure_of(slot), "while recycling")
-        self._collect_infos(slot, infos)
-
-    def _recycle_due(self, done: np.ndarray, r: int | None) -> None:
-        """Replace workers that reached their episode or memory limit, at an episode boundary
-        (NEXT_STEP and DISABLED after a step, any mode at a reset)."""
-        for slot in self._sup.slots:
-            (i,) = slot.env_indices
-            if not done[i]:
-                continue
-            reason = self._recycle_reason(slot)
-            if reason is None:
-                continue
-            log.info("worker %d (env %d): %s", slot.index, i, reason)
-            initial = ("pending", self._derived_seeds(slot)) if r is not None else None
-            self._sup.replace(slot, Failure("recycle", reason), initial, planned=True)
-            if r is None:  # reset path: the reset request follows; wait for the start first
-                failed = self._sup.wait([slot], self._sup.start_timeout)
-                if failed:
-                    raise self._failure_error(slot, self._failure_of(slot), "while recycling")
-
-
-def make_vec(env_id: str, num_envs: int = 1, *, vector_kwargs: dict | None = None,
-             wrappers: Sequence[Callable] | None = None, **env_kwargs) -> FastVectorEnv:
-    """A FastVectorEnv of ``num_envs`` copies of a registered gymnasium env.
-
-    ``env_kwargs`` go to ``gymnasium.make``; ``vector_kwargs`` to FastVectorEnv.
-    """
-    fn = functools.partial(_make_wrapped, env_id, tuple(wrappers or ()), env_kwargs)
-    return FastVectorEnv([fn] * num_envs, **(vector_kwargs or {}))
-
-
-def _make_wrapped(env_id, wrappers, env_kwargs):
-    env = gym.make(env_id, **env_kwargs)
-    for wrapper in wrappers:
-        env = wrapper(env)
-    return env
-
-
-_VECTOR_ARGS = set(inspect.signature(FastVectorEnv).parameters) - {"env_fns"}
-
-
-def vector_entry_point(env_id: str):
-    """A creator for ``gymnasium.register(..., vector_entry_point=...)``.
-
-    gymnasium calls it as ``creator(num_envs=n, **kwargs)``; kwargs that name a
-    FastVectorEnv parameter go to it, the rest to the env.
-    """
-    def creator(num_envs: int = 1, **kwargs):
-        vec = {k: kwargs.pop(k) for k in list(kwargs) if k in _VECTOR_ARGS}
-        return make_vec(env_id, num_envs, vector_kwargs=vec, **kwargs)
-
-    return creator

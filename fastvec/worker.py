@@ -4,6 +4,12 @@ Loop: wait on the request semaphore, read the control block (csrc/ring.h), run t
 handler for the opcode, write results into the ring slot the request names, complete
 the block with the request's sequence number, post the shared done semaphore. Nothing is
 pickled on the step path unless an env returns a non-empty info.
+
+Start-up only builds the envs and checks their spaces; any reset, including the one that
+replays a reset a failed predecessor could not finish, is an ordinary RESET request, so a
+reset that raises is reported like any other reply. SIGUSR1 retires the worker (planned
+recycling): it stops beating for the slot, closes its envs and exits, while its successor
+already starts in the same control block.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import pickle
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +27,7 @@ import posix_ipc
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
-from fastvec.errors import PayloadTooLargeError, SpaceMismatchError
+from fastvec.errors import PayloadTooLargeError, SpaceMismatchError, UnpicklableInfoError
 from fastvec.layout import Plan, flatten, unflatten, write_leaf
 from fastvec.shm import Segment, get_pickle, put_pickle
 
@@ -48,10 +54,12 @@ class WorkerSpec:
     max_payload_bytes: int
     single_spaces: tuple  # (observation_space, action_space) the parent batched
     spin_ns: int = 0  # spin this long for the next request before blocking
-    # None; or ("pending", seeds): reset on the first step (NEXT_STEP autoreset) or the
-    # next seedless reset; or ("now", seeds, ring_index): reset at start, reply with it.
-    initial_reset: tuple | None = None
-    extra: dict = field(default_factory=dict)
+    # Seeds for the next reset of each env (a replacement's derived seeds), or None. Under
+    # NEXT_STEP the first step is that reset (the predecessor's episode ended truncated).
+    pending_seeds: tuple | None = None
+    # PR_SET_PDEATHSIG fires when the *thread* that forked exits: ask for it only when the
+    # main thread forks; the heartbeat thread's owner check covers every other case.
+    parent_death_signal: bool = True
 
 
 class Worker:
@@ -82,8 +90,8 @@ class Worker:
         }
 
     # -- start-up --------------------------------------------------------------
-    def start(self) -> int:
-        """Build the envs, check their spaces, do the initial reset; returns payload bytes."""
+    def start(self) -> None:
+        """Build the envs, check their spaces, take the pending seeds."""
         self.envs = [fn() for fn in self.spec.env_fns]
         for j, env in enumerate(self.envs):
             i = self.spec.env_indices[j]
@@ -95,17 +103,10 @@ class Worker:
                 raise SpaceMismatchError(
                     f"env {i} has action space {env.action_space}, but the vector env was "
                     f"built for {self.act_space} (from env 0)")
-        init = self.spec.initial_reset
-        if init is None:
-            return 0
-        if init[0] == "pending":
-            for j, seed in enumerate(init[1]):
+        if self.spec.pending_seeds is not None:
+            for j, seed in enumerate(self.spec.pending_seeds):
                 self.pending_seed[j] = seed
                 self.autoreset[j] = self.mode == AutoresetMode.NEXT_STEP
-            return 0
-        _, seeds, ring = init
-        infos = [self._reset_one(j, ring, seed, None) for j, seed in enumerate(seeds)]
-        return self._put_infos(infos)
 
     # -- handlers: each returns the number of reply payload bytes ----------------
     def on_reset(self, ring: int, mask: int) -> int:
@@ -113,7 +114,7 @@ class Worker:
         infos: list = [None] * len(self.envs)
         for j in range(len(self.envs)):
             if mask >> j & 1:
-                infos[j] = self._reset_one(j, ring, seeds[j], options)
+                infos[j] = self._reset_one(j, ring, seeds[j], options[j])
         return self._put_infos(infos)
 
     def on_step(self, ring: int, mask: int) -> int:
@@ -160,10 +161,20 @@ class Worker:
         return 0
 
     def on_close(self, ring: int, mask: int) -> int:
-        for env in self.envs:
+        envs, self.envs = self.envs, []
+        for env in envs:
             env.close()
-        self.envs = []
         return 0
+
+    def retire(self, signum=None, frame=None) -> None:
+        """SIGUSR1: the slot has a successor already. Touch nothing of it; close and exit."""
+        _ring.stop_heartbeat()
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        os._exit(0)
 
     # -- helpers -----------------------------------------------------------------
     def _take_seed(self, j: int, seed):
@@ -191,18 +202,27 @@ class Worker:
     def _put_infos(self, infos: list) -> int:
         if not any(infos):
             return 0
-        return put_pickle(self.payload, infos, self.spec.max_payload_bytes)
+        try:
+            return put_pickle(self.payload, infos, self.spec.max_payload_bytes)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            bad = [self.spec.env_indices[j] for j, info in enumerate(infos) if info
+                   and not _picklable(info)]
+            raise UnpicklableInfoError(
+                f"env {bad[0] if bad else self.spec.env_indices[0]} returned an info dict that "
+                f"cannot be pickled ({type(exc).__name__}: {exc}); infos cross a process "
+                "boundary: return plain values (numbers, strings, arrays)") from None
 
     # -- the loop ----------------------------------------------------------------
-    def post_done(self, counted: int) -> None:
+    def post_done(self, counted: int, epoch: int = 0) -> None:
         """Wake the parent, unless this reply is part of a batch that still owes others."""
-        if not counted or self.batch.leave():
+        if not counted or self.batch.leave(epoch):
             self.done_sem.release()
 
-    def reply_error(self, seq: int, exc: BaseException, counted: int = 0) -> None:
-        # Data that does not fit (a space, the payload limit) is the caller's to fix: the
-        # parent raises it and keeps this worker. Anything else is a failure of the env.
-        usage = isinstance(exc, (SpaceMismatchError, PayloadTooLargeError))
+    def reply_error(self, seq: int, exc: BaseException, counted: int = 0, epoch: int = 0) -> None:
+        # Data that does not fit (a space, the payload limit, an info that cannot be
+        # pickled) is the caller's to fix: the parent raises it and keeps this worker.
+        # Anything else is a failure of the env.
+        usage = isinstance(exc, (SpaceMismatchError, PayloadTooLargeError, UnpicklableInfoError))
         status = _ring.ST_MISMATCH if usage else _ring.ST_ERROR
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
@@ -212,7 +232,7 @@ class Worker:
             n = put_pickle(self.payload, (None, f"{tb}\n({type(exc).__qualname__}: {exc})"),
                            self.spec.max_payload_bytes)
         self.ctl.complete(seq, status, n)
-        self.post_done(counted)
+        self.post_done(counted, epoch)
 
     def next_request(self, last: int) -> int:
         """Wait for a request newer than ``last``: spin briefly, then block on the semaphore.
@@ -231,7 +251,10 @@ class Worker:
                     except posix_ipc.BusyError:
                         pass
                 return seq
-            self.req_sem.acquire()
+            try:
+                self.req_sem.acquire()
+            except posix_ipc.SignalError:
+                pass  # a signal the env installed a handler for (e.g. SIGALRM): wait on
 
     def serve(self) -> None:
         ctl, handlers = self.ctl, self.handlers
@@ -240,16 +263,25 @@ class Worker:
             seq = self.next_request(seq)
             op = ctl.opcode
             counted = ctl.flags & _ring.REQ_COUNTED
+            epoch = ctl.batch_epoch
             ctl.begin()
             try:
                 n = handlers[op](ctl.ring_index, ctl.env_mask)
             except BaseException as exc:  # reported to the parent, which applies its policy
-                self.reply_error(seq, exc, counted)
+                self.reply_error(seq, exc, counted, epoch)
                 continue
             ctl.complete(seq, _ring.ST_OK, n)
-            self.post_done(counted)
+            self.post_done(counted, epoch)
             if op == _ring.OP_CLOSE:
                 return
+
+
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+    return True
 
 
 def _rss_bytes() -> int:
@@ -264,22 +296,23 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (importable, so it works under spawn and forkserver)."""
     # Ctrl-C goes to the whole process group; only the parent should act on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
+    if spec.parent_death_signal and sys.platform.startswith("linux"):
         _ring.set_parent_death_signal(signal.SIGKILL)
     worker = Worker(spec)
+    signal.signal(signal.SIGUSR1, worker.retire)
     worker.ctl.worker_pid = os.getpid()
     worker.ctl.payload_cap = worker.payload.size
     worker.ctl.start_heartbeat(spec.heartbeat_ms, spec.owner_pid)
     worker.ctl.rss_bytes = _rss_bytes()
-    worker.ctl.begin()
     try:
-        n = worker.start()
+        worker.start()
     except BaseException as exc:
         worker.reply_error(spec.start_seq, exc)
-        # A worker that cannot build its envs has nothing to serve; wait to be reaped.
-        signal.pause()
-        return
-    worker.ctl.complete(spec.start_seq, _ring.ST_OK, n)
+        # A worker that cannot build its envs has nothing to serve: the parent reads the
+        # error and kills it (or it exits with its parent, through the heartbeat thread).
+        while True:
+            signal.pause()
+    worker.ctl.complete(spec.start_seq, _ring.ST_OK, 0)
     worker.done_sem.release()
     worker.serve()
     os._exit(0)  # skip interpreter teardown of env libraries; the parent owns all cleanup

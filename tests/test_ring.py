@@ -32,7 +32,8 @@ OFFSETS = {
     "magic": (0, "<I"), "version": (4, "<I"), "worker_index": (8, "<I"),
     "generation": (12, "<I"), "owner_pid": (16, "<q"),
     "req_seq": (64, "<Q"), "opcode": (72, "<I"), "ring_index": (76, "<I"),
-    "req_payload_len": (80, "<Q"), "env_mask": (88, "<Q"),
+    "req_payload_len": (80, "<Q"), "env_mask": (88, "<Q"), "flags": (96, "<I"),
+    "batch_epoch": (100, "<I"),
     "resp_seq": (128, "<Q"), "status": (136, "<i"), "worker_pid": (140, "<i"),
     "resp_payload_len": (144, "<Q"), "busy_since_ns": (152, "<Q"),
     "last_request_ns": (160, "<Q"), "progress": (168, "<Q"), "episodes": (176, "<Q"),
@@ -100,7 +101,7 @@ def test_init_then_check_and_corruption():
     ctl.init(3, 7, 12345, 41)
     ctl.check()
     assert raw(buf, "magic") == _ring.MAGIC
-    assert raw(buf, "version") == 1
+    assert raw(buf, "version") == 2
     assert raw(buf, "worker_index") == 3 and raw(buf, "generation") == 7 == ctl.generation
     assert raw(buf, "owner_pid") == 12345 == ctl.owner_pid
     assert ctl.req_seq == ctl.resp_seq == 41
@@ -547,3 +548,52 @@ def test_check_actions_errors(key, value, match):
         check({**good_batch(), key: value})
     assert key in str(info.value), "the message names the path of the leaf"
     assert isinstance(info.value, ValueError)
+
+
+# -- the batch counter -----------------------------------------------------------------------------
+
+
+def test_request_carries_its_batch_epoch():
+    buf, ctl = fresh()
+    ctl.init(0, 0, 1, 0)
+    ctl.request(3, _ring.OP_STEP, 1, 0, 1, _ring.REQ_COUNTED, 77)
+    assert raw(buf, "batch_epoch") == 77 == ctl.batch_epoch
+    assert raw(buf, "flags") == _ring.REQ_COUNTED
+
+
+def test_batch_counter_completes_once_and_drops_stale_epochs():
+    """The reply that completes batch e reports it once; a decrement carrying an older epoch
+    (a reply published, then descheduled before leaving) never counts against batch e."""
+    batch = _ring.Batch(bytearray(_ring.BATCH_SIZE), 0)
+    batch.arm(3, 5)
+    assert not batch.leave(4) and batch.remaining == 3  # stale: dropped
+    assert not batch.leave(5) and not batch.leave(5)
+    assert batch.leave(5) and batch.remaining == 0
+    assert not batch.leave(5) and batch.remaining == 0  # never below zero, never twice
+    batch.arm(2, 6)
+    assert not batch.leave(5) and batch.remaining == 2 and batch.epoch == 6
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=20))
+def test_batch_counter_property(batches):
+    """Whatever stale decrements interleave, batch e completes exactly after its n leaves."""
+    counter = _ring.Batch(bytearray(_ring.BATCH_SIZE), 0)
+    for epoch, (n, stale) in enumerate(batches, start=1):
+        counter.arm(n, epoch)
+        completions = 0
+        for k in range(n):
+            for _ in range(stale):
+                assert not counter.leave(epoch - 1)
+            completions += counter.leave(epoch)
+            assert completions == (k == n - 1)
+        assert counter.remaining == 0
+
+
+def test_spin_resp_until_waits_for_the_target_not_any_change():
+    buf, ctl = fresh()
+    ctl.init(0, 0, 1, 5)
+    put_raw(buf, "resp_seq", 6)
+    assert ctl.spin_resp_until(9, 20_000) == 6  # changed, but not to 9: gives up
+    put_raw(buf, "resp_seq", 9)
+    assert ctl.spin_resp_until(9, 10**12) == 9

@@ -1,0 +1,95 @@
+"""The knobs of a FastVectorEnv, validated once, in one frozen record.
+
+``FastVectorEnv(env_fns, **keywords)`` takes them as keywords (the constructor style of
+gymnasium's ``AsyncVectorEnv``) and builds one :class:`Options`; everything below it
+(recovery, supervisor) reads that record instead of copies of its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gymnasium.vector import AutoresetMode
+
+ON_FAILURE = ("respawn", "raise")
+ON_BUDGET_EXHAUSTED = ("raise", "disable")
+
+
+@dataclass(frozen=True)
+class Options:
+    """See ``FastVectorEnv``'s docstring (and the README's table) for each field."""
+
+    context: str | None = None
+    copy: bool = True
+    autoreset_mode: AutoresetMode = AutoresetMode.NEXT_STEP
+    envs_per_worker: int = 1
+    on_failure: str = "respawn"
+    on_budget_exhausted: str = "raise"
+    heartbeat_interval: float = 0.05
+    heartbeat_timeout: float = 5.0
+    step_timeout: float | None = None
+    start_timeout: float = 60.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    recycle_after_episodes: int | None = None
+    max_worker_rss: int | None = None
+    recycle_grace: float = 5.0
+    ring_depth: int = 2
+    max_payload_bytes: int = 1 << 30
+    validate_actions: bool = True
+    spin_us: float = 0.0
+    batch_size: int | None = None
+    daemon: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
+        if not 1 <= self.envs_per_worker <= 63:
+            raise ValueError(f"envs_per_worker must be in 1..63, got {self.envs_per_worker}")
+        for name, allowed in (("on_failure", ON_FAILURE),
+                              ("on_budget_exhausted", ON_BUDGET_EXHAUSTED)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.ring_depth < 2:
+            raise ValueError(f"ring_depth must be >= 2, got {self.ring_depth}")
+        for name in ("heartbeat_interval", "heartbeat_timeout", "start_timeout",
+                     "restart_window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must exceed two heartbeat intervals")
+        if self.step_timeout is not None and not self.step_timeout > 0:
+            raise ValueError(f"step_timeout must be > 0 or None, got {self.step_timeout}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.recycle_grace < 0:
+            raise ValueError(f"recycle_grace must be >= 0, got {self.recycle_grace}")
+        if self.spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0, got {self.spin_us}")
+        if self.max_payload_bytes < 1024:
+            raise ValueError(f"max_payload_bytes must be >= 1024, got {self.max_payload_bytes}")
+        if (self.recycle_after_episodes or self.max_worker_rss) and self.envs_per_worker != 1:
+            raise ValueError("recycle_after_episodes / max_worker_rss replace a worker at an "
+                             "episode boundary, which needs envs_per_worker=1")
+        if self.batch_size is not None and (
+                self.envs_per_worker != 1 or self.autoreset_mode != AutoresetMode.NEXT_STEP):
+            raise ValueError("batch_size (send/recv) needs envs_per_worker=1 and "
+                             "autoreset_mode=NEXT_STEP")
+
+    def check_num_envs(self, num_envs: int) -> None:
+        if num_envs < 1:
+            raise ValueError("FastVectorEnv needs at least one env_fn")
+        if self.batch_size is not None and not 1 <= self.batch_size <= num_envs:
+            raise ValueError(f"batch_size must be in 1..{num_envs}, got {self.batch_size}")
+
+    @property
+    def recycling(self) -> bool:
+        return bool(self.recycle_after_episodes or self.max_worker_rss)
+
+    @property
+    def spin_ns(self) -> int:
+        return int(self.spin_us * 1000)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
