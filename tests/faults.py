@@ -106,3 +106,125 @@ class AlwaysFailEnv(CounterEnv):
 
     def step(self, action):
         raise ValueError("deterministic bug")
+
+
+class BuildFailsAfterFirst:
+    """env_fn whose first build works and every later one raises, while ``marker`` exists:
+    a replacement that cannot build its env (a port or lock the dead process still held)."""
+
+    def __init__(self, marker: str, kind: str = "raise", delay: float = 0.0):
+        self.marker, self.kind, self.delay = marker, kind, delay
+
+    def __call__(self):
+        if os.path.exists(self.marker):
+            if self.kind == "raise":
+                raise OSError(98, "Address already in use (injected: the dead worker's port)")
+            if self.kind == "slow":  # a simulator loading its data: slow, but it builds
+                time.sleep(self.delay)
+            else:
+                do_fault(self.kind)
+        else:
+            open(self.marker, "w").close()
+        return CounterEnv()
+
+
+class ResetFaultEnv(CounterEnv):
+    """CounterEnv whose reset raises ValueError for ``options={"bad": True}``, SIGKILLs its
+    process once (marker) for ``options={"crash": ...}``, and reports the options it got."""
+
+    def __init__(self, marker: str = ""):
+        super().__init__()
+        self.marker = marker
+
+    def reset(self, *, seed=None, options=None):
+        if options and options.get("bad"):
+            raise ValueError("injected: bad reset options")
+        if options and options.get("crash") and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            do_fault("sigkill")
+        obs, info = super().reset(seed=seed, options=options)
+        return obs, {"options": dict(options or {})}
+
+
+class CallFaultEnv(CounterEnv):
+    """CounterEnv with methods that fail when called through ``call()``."""
+
+    def die(self):
+        do_fault("sigkill")
+
+    def oops(self):
+        raise KeyError("injected: a call that raises")
+
+    def ping(self):
+        return self.index
+
+
+class OneStepEnv(CounterEnv):
+    """Episodes of one step; close() leaves a file named after its process, so a test can
+    tell that a recycled worker closed its env instead of being SIGKILLed."""
+
+    def __init__(self, close_dir: str = ""):
+        super().__init__()
+        self.close_dir = close_dir
+
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        return obs, reward, True, truncated, info
+
+    def close(self):
+        if self.close_dir:
+            open(os.path.join(self.close_dir, f"closed-{os.getpid()}"), "w").close()
+
+
+class CloseFaultEnv(CounterEnv):
+    """close() hangs or crashes its worker process (never the test process, which builds
+    one env itself to read the spaces)."""
+
+    def __init__(self, kind: str = "sleep", parent_pid: int = 0):
+        super().__init__()
+        self.kind, self.parent_pid = kind, parent_pid
+
+    def close(self):
+        if os.getpid() != self.parent_pid:
+            do_fault(self.kind)
+
+
+class UnpicklableInfoEnv(CounterEnv):
+    """Returns an info value that cannot be pickled at step ``at``."""
+
+    def __init__(self, at: int = 3):
+        super().__init__()
+        self.at, self.t = at, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.t += 1
+        if self.t == self.at:
+            info = {"handle": lambda: None}
+        return obs, reward, terminated, truncated, info
+
+
+class AlarmEnv(CounterEnv):
+    """Installs a SIGALRM handler and a 5 ms interval timer in the worker (as env code that
+    times its own calls does): the worker's idle wait must survive the signals."""
+
+    def __init__(self, parent_pid: int = 0):
+        super().__init__()
+        self.armed = os.getpid() != parent_pid  # not in the test process (pytest-timeout)
+        if self.armed:
+            signal.signal(signal.SIGALRM, lambda *_: None)
+            signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+
+    def close(self):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class SlowStepEnv(CounterEnv):
+    def __init__(self, seconds: float = 0.002):
+        super().__init__()
+        self.seconds = seconds
+
+    def step(self, action):
+        time.sleep(self.seconds)
+        return super().step(action)
