@@ -176,7 +176,7 @@ def test_crash_in_reset_replays_it_with_the_users_options(tmp_path):
     try:
         env.reset(seed=0)
         obs, info = env.reset(seed=5, options={"crash": True, "level": 3})
-        assert info["_worker_restarted"].sum() == 1  # one env crashed its worker, once
+        assert info["_worker_restarted"].any()  # both may race for the one-shot marker
         for i in range(2):  # the replayed reset got the user's options (infos nest dicts)
             assert info["options"]["crash"][i] and info["options"]["level"][i] == 3
     finally:
