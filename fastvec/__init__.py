@@ -14,8 +14,8 @@ except ImportError as _exc:  # pragma: no cover - depends on how fastvec was ins
 
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, PayloadTooLargeError,
-                            RestartBudgetExceeded, SpaceMismatchError, UnsupportedSpaceError,
-                            WaitTimeout, WorkerFailure)
+                            RestartBudgetExceeded, SharedMemoryFullError, SpaceMismatchError,
+                            UnsupportedSpaceError, WaitTimeout, WorkerFailure)
 from fastvec.vector_env import FastVectorEnv, make_vec, vector_entry_point
 
 __version__ = "0.1.0"
@@ -24,7 +24,7 @@ __all__ = [
     "FastVectorEnv", "make_vec", "vector_entry_point", "FastVecError", "WorkerFailure",
     "RestartBudgetExceeded", "ClosedEnvError", "AlreadyPendingCallError", "NoAsyncCallError",
     "WaitTimeout", "InvalidActionError", "SpaceMismatchError", "UnsupportedSpaceError",
-    "PayloadTooLargeError",
+    "PayloadTooLargeError", "SharedMemoryFullError",
 ]
 
 WILDFIRE_ID = "fastvec/Wildfire-v0"
