@@ -4,10 +4,14 @@ Every name is ``/fv<owner pid>_<random>_<what>``: the owner pid lets the next in
 sweep what a dead owner left behind (:func:`sweep_stale`). ``close()`` drops this
 process's handle; ``unlink()`` destroys the object; both are idempotent, and every
 attribute has a class-level default so cleanup works on a half-built object.
+
+Creating a segment allocates all of it (``posix_fallocate``), so a full /dev/shm is a
+:class:`SharedMemoryFullError` when the env is built, never a SIGBUS on a later write.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -16,7 +20,7 @@ import secrets
 
 import posix_ipc
 
-from fastvec.errors import PayloadTooLargeError
+from fastvec.errors import PayloadTooLargeError, SharedMemoryFullError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,30 @@ def new_prefix() -> str:
     return f"/{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
 
 
+def free_bytes() -> int | None:
+    """Bytes an unprivileged process may still allocate on /dev/shm (None: unknown)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _amount(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "an unknown number of bytes"
+    return f"{nbytes} bytes ({nbytes / 2**20:.1f} MiB)"
+
+
+def _full_error(what: str, needed: int, exc: BaseException) -> SharedMemoryFullError:
+    return SharedMemoryFullError(
+        getattr(exc, "errno", None) or errno.ENOSPC,
+        f"cannot create {what}: it needs {_amount(needed)} and {SHM_DIR} has "
+        f"{_amount(free_bytes())} free ({exc}). Run the container with a larger --shm-size "
+        "(Docker's default is 64 MiB), or use fewer envs, a smaller ring_depth or smaller "
+        "observations")
+
+
 class Segment:
     """A shared-memory segment mapped into this process."""
 
@@ -39,13 +67,32 @@ class Segment:
 
     def __init__(self, name: str, size: int | None = None, *, create: bool = False):
         self.name = name
-        if create:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=max(int(size), 1))
-            self._owner = True
-        else:
+        if not create:
             shm = posix_ipc.SharedMemory(name)
+            try:
+                self.mm = mmap.mmap(shm.fd, os.fstat(shm.fd).st_size)
+            finally:
+                shm.close_fd()
+            return
+        size = max(int(size), 1)
         try:
-            self.mm = mmap.mmap(shm.fd, shm.size)
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=0)
+        except posix_ipc.ExistentialError:
+            raise  # someone else's name: not ours to unlink
+        except (OSError, posix_ipc.Error) as exc:
+            raise _full_error(f"segment {name}", size, exc) from exc
+        self._owner = True
+        try:
+            os.ftruncate(shm.fd, size)
+            # Every page now: ENOSPC here instead of SIGBUS at the first write past the
+            # free space of /dev/shm.
+            os.posix_fallocate(shm.fd, 0, size)
+            self.mm = mmap.mmap(shm.fd, size)
+        except BaseException as exc:
+            unlink_segment(name)
+            if isinstance(exc, OSError):
+                raise _full_error(f"segment {name}", size, exc) from exc
+            raise
         finally:
             shm.close_fd()
 
@@ -54,7 +101,11 @@ class Segment:
         return 0 if self.mm is None else len(self.mm)
 
     def ensure(self, nbytes: int, limit: int) -> None:
-        """Make the mapping at least ``nbytes`` long, growing the segment if needed."""
+        """Make the mapping at least ``nbytes`` long, growing the segment if needed.
+
+        A grow that /dev/shm cannot hold raises PayloadTooLargeError and leaves the segment
+        at its old size, still usable by both sides.
+        """
         if nbytes <= self.size:
             return
         if nbytes > limit:
@@ -70,8 +121,13 @@ class Segment:
                     os.ftruncate(shm.fd, new)
                     os.posix_fallocate(shm.fd, 0, new)  # ENOSPC now, not SIGBUS later
                 except OSError as exc:
+                    # Back to the old size: left longer, the next grow would take the
+                    # unallocated tail for room and SIGBUS on writing it.
+                    os.ftruncate(shm.fd, current)
                     raise PayloadTooLargeError(
-                        f"cannot grow {self.name} to {new} bytes: {exc}; is {SHM_DIR} full?"
+                        f"cannot grow the side buffer {self.name} from {current} to {new} "
+                        f"bytes: {SHM_DIR} has {_amount(free_bytes())} free ({exc}). Return "
+                        "less data from the env, or run with a larger --shm-size"
                     ) from exc
                 current = new
             self._remap(shm.fd, current)
@@ -126,7 +182,14 @@ def unlink_semaphore(name: str | None) -> None:
 
 
 def create_semaphore(name: str) -> posix_ipc.Semaphore:
-    return posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=0)
+    """A new semaphore with value 0; SharedMemoryFullError if /dev/shm cannot hold it."""
+    try:
+        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=0)
+    except posix_ipc.ExistentialError:
+        raise  # someone else's name: not ours to unlink
+    except (OSError, posix_ipc.Error) as exc:
+        unlink_semaphore(name)  # glibc builds it under a temporary name; this is a backstop
+        raise _full_error(f"semaphore {name}", mmap.PAGESIZE, exc) from exc
 
 
 class Names:
