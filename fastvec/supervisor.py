@@ -125,13 +125,13 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.done_sem_name = prefix + "done"
         self.done_sem = create_semaphore(self.done_sem_name)
-        names.semaphores.add(self.done_sem_name)
+        names.track_semaphore(self.done_sem_name)
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
         self.latency = np.zeros((len(slots_envs), _LATENCY_WINDOW), np.int64)
         self.latency_count = 0
         for w, env_indices in enumerate(slots_envs):
             pname = f"{prefix}p{w}"
-            names.segments.add(pname)
+            names.track_segment(pname)
             payload = Segment(pname, 64 * 1024, create=True)
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
@@ -172,9 +172,9 @@ class Supervisor:
             if slot.req_sem is not None:
                 slot.req_sem.close()
                 unlink_semaphore(slot.req_sem_name)
-                self.names.semaphores.discard(slot.req_sem_name)
+                self.names.forget_semaphore(slot.req_sem_name)
             slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
-            self.names.semaphores.add(slot.req_sem_name)
+            self.names.track_semaphore(slot.req_sem_name)
             slot.req_sem = create_semaphore(slot.req_sem_name)
             start_seq = self.next_seq()
             slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)

@@ -1,7 +1,7 @@
-"""fastvec.shm under real faults: a full /dev/shm.
+"""fastvec.shm under real faults: a full /dev/shm, owners in another PID namespace.
 
 A small /dev/shm is a private tmpfs in a private mount namespace (``unshare -m``), so these
-tests never fill the machine's /dev/shm; they are skipped where ``unshare`` is not
+tests never fill or sweep the machine's /dev/shm; they are skipped where ``unshare`` is not
 permitted. Each scenario runs in a child Python and reports back through its exit status.
 """
 
@@ -13,9 +13,10 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
-from fastvec.shm import SHM_DIR
+from fastvec.shm import LOCK, SHM_DIR, Names, Segment, create_semaphore, leftovers, new_prefix
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,6 +35,12 @@ def _permitted(*cmd: str) -> bool:
 def need_private_shm() -> None:
     if not _permitted("unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"):
         pytest.skip("needs `unshare -m` and mount (root or CAP_SYS_ADMIN) for a private /dev/shm")
+
+
+def need_pid_namespace() -> None:
+    need_private_shm()
+    if not _permitted("unshare", "-pf", "--mount-proc", "true"):
+        pytest.skip("needs `unshare -pf --mount-proc` for a PID namespace")
 
 
 def run_python(code: str, *, shm_size: str | None = None, timeout: float = 90,
@@ -87,6 +94,61 @@ def test_a_layout_larger_than_dev_shm_is_an_error_with_the_numbers_not_sigbus():
     assert "/dev/shm has" in out
 
 
+def test_a_segment_or_semaphore_on_a_full_dev_shm_is_an_error_and_leaves_nothing():
+    need_private_shm()
+    assert_ok(run_python("""
+        import os
+        import fastvec
+        from fastvec.shm import Names, Segment, create_semaphore, free_bytes, new_prefix
+
+        fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR)
+        os.posix_fallocate(fd, 0, free_bytes())  # nothing left
+        names = Names(new_prefix())  # the lock takes no pages: it still works
+        for make in (lambda: create_semaphore(names.prefix + "done"),
+                     lambda: Segment(names.prefix + "main", 4096, create=True)):
+            try:
+                make()
+            except fastvec.SharedMemoryFullError as exc:
+                assert "0 bytes (0.0 MiB) free" in str(exc), exc
+            else:
+                raise SystemExit("created on a full /dev/shm")
+        names.unlink_all()
+        assert os.listdir("/dev/shm") == ["filler"], os.listdir("/dev/shm")
+        print("OK")
+    """, shm_size="8m"))
+
+
+def test_a_side_buffer_grow_beyond_free_space_raises_and_keeps_the_old_size():
+    need_private_shm()
+    assert_ok(run_python("""
+        import os
+        import fastvec
+        from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle
+
+        names = Names(new_prefix())
+        names.track_segment(names.prefix + "p0")
+        seg = Segment(names.prefix + "p0", 64 << 10, create=True)
+        peer = Segment(seg.name)
+        # The second grow is smaller than the failed first one: a segment left at the
+        # failed size would look big enough and SIGBUS on the unallocated tail.
+        for nbytes in (16 << 20, 12 << 20):
+            try:
+                put_pickle(seg, b"x" * nbytes, 1 << 30)
+            except fastvec.PayloadTooLargeError as exc:
+                assert "MiB) free" in str(exc) and "--shm-size" in str(exc), exc
+            else:
+                raise SystemExit(f"grew the side buffer to {nbytes} bytes on an 8 MiB /dev/shm")
+            peer.remap()
+            assert seg.size == peer.size == 64 << 10, (seg.size, peer.size)
+        n = put_pickle(seg, {"still": "usable"}, 1 << 30)
+        assert get_pickle(peer, n) == {"still": "usable"}
+        seg.close(); peer.close()
+        names.unlink_all()
+        assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
+        print("OK")
+    """, shm_size="8m"))
+
+
 def test_payloads_that_outgrow_dev_shm_raise_and_the_env_keeps_its_workers():
     need_private_shm()
     assert_ok(run_python("""
@@ -119,3 +181,85 @@ def test_payloads_that_outgrow_dev_shm_raise_and_the_env_keeps_its_workers():
         assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
         print("OK")
     """, shm_size="8m"))
+
+
+# -- ownership: the lock, sweeps, PID namespaces -------------------------------------------
+
+
+def test_names_create_the_lock_first_and_unlink_it_last_and_twice_is_harmless():
+    names = Names(new_prefix())
+    bare = names.prefix.lstrip("/")
+    assert [n for n in leftovers() if n.startswith(bare)] == [bare + LOCK]
+    names.track_segment(names.prefix + "main")
+    Segment(names.prefix + "main", 4096, create=True).close()
+    names.track_semaphore(names.prefix + "done")
+    create_semaphore(names.prefix + "done").close()
+    names.track_semaphore(names.prefix + "r0g0")
+    create_semaphore(names.prefix + "r0g0").close()
+    names.forget_semaphore(names.prefix + "r0g0")
+    assert not os.path.exists(f"{SHM_DIR}/sem.{bare}r0g0")
+    fds = psutil.Process().num_fds()
+    names.unlink_all()
+    assert psutil.Process().num_fds() == fds - 1  # the lock's fd
+    assert not [n for n in leftovers() if bare in n]
+    names.unlink_all()
+
+
+def test_a_sweep_keeps_a_live_instance_and_orphans_younger_than_min_age():
+    need_private_shm()  # sweep_stale(min_age=0) would also sweep other users' orphans
+    assert_ok(run_python("""
+        import os, subprocess, sys
+        from fastvec.shm import Names, Segment, create_semaphore, new_prefix, sweep_stale
+
+        names = Names(new_prefix())
+        names.track_segment(names.prefix + "main")
+        Segment(names.prefix + "main", 4096, create=True).close()
+        assert sweep_stale(min_age=0) == []  # locked: live
+        # orphans (no lock file): one with a dead pid in its name, one with a live pid
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        for stem in (f"/fv{dead}_00000001_", f"/fv{os.getppid()}_00000002_"):
+            create_semaphore(stem + "done").close()
+        assert sweep_stale() == []  # younger than ORPHAN_AGE: maybe being built right now
+        # a visible pid vetoes: an instance of an older fastvec has no lock file
+        assert sweep_stale(min_age=0) == [f"sem.fv{dead}_00000001_done"]
+        names.unlink_all()
+        assert os.listdir("/dev/shm") == [f"sem.fv{os.getppid()}_00000002_done"]
+        print("OK")
+    """, shm_size="1m"))
+
+
+# The scenarios below run in a private /dev/shm: their sweeps touch nothing else on the
+# machine, and nothing else (another fastvec's sweep) can clean up in their place. They
+# sweep from a new PID namespace, where no pid of the owner is visible.
+_SWEEP_ELSEWHERE = """
+    import ast, subprocess, sys
+    def sweep_elsewhere():
+        code = ("import os, sys; from fastvec.shm import sweep_stale; "
+                f"assert not os.path.exists('/proc/{os.getpid()}'); "
+                "print(sweep_stale(min_age=0))")
+        out = subprocess.run(["unshare", "-pf", "--mount-proc", sys.executable, "-c", code],
+                             capture_output=True, text=True, check=True).stdout
+        return ast.literal_eval(out.strip().splitlines()[-1])
+"""
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_sweep_from_another_pid_namespace_leaves_a_live_instance_alone(context):
+    need_pid_namespace()
+    assert_ok(run_python(_SWEEP_ELSEWHERE + f"""
+    import os
+    import numpy as np
+    import envs, fastvec
+    if __name__ == "__main__":
+        env = fastvec.FastVectorEnv([envs.AttrEnv] * 2, context={context!r})
+        env.reset(seed=0)
+        before = sorted(os.listdir("/dev/shm"))
+        assert any(n.endswith("_lock") for n in before), before
+        removed = sweep_elsewhere()
+        assert removed == [] and sorted(os.listdir("/dev/shm")) == before, (removed, before)
+        env.step(np.array([0, 1]))
+        env.close()
+        assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
+        print("OK")
+    """, shm_size="16m"))
