@@ -7,19 +7,23 @@ nothing in another PID namespace (two containers sharing /dev/shm with ``--ipc=h
 Who removes a name, in the order it normally happens:
 
 1. The owner, on close or collection: :meth:`Names.unlink_all`.
-2. If the owner dies first: the next instance's :func:`sweep_stale`. ``Names`` creates
-   ``<prefix>lock`` before any other name of the prefix, holds ``flock(LOCK_EX)`` on it
-   for the instance's lifetime and unlinks it last. A sweep that can take the lock knows
-   the owner is gone; a prefix without a lock file has only orphans left, removed once
-   they are older than ``ORPHAN_AGE`` seconds (and no process with the pid in their name
-   is visible: a fastvec older than the lock). Forked workers inherit the lock's fd, so
-   the lock lives while any of them does.
+2. If the owner dies first (SIGTERM, SIGKILL, OOM killer): ``multiprocessing``'s resource
+   tracker. Every tracked name is registered with it; its process unlinks whatever is
+   still registered once every process holding its pipe (the owner and its workers) is
+   gone. A normal unlink unregisters, so a clean run prints no "leaked objects" warning.
+3. If the tracker could not run either (it was killed too): the next instance's
+   :func:`sweep_stale`. ``Names`` creates ``<prefix>lock`` before any other name of the
+   prefix, holds ``flock(LOCK_EX)`` on it for the instance's lifetime and unlinks it
+   last. A sweep that can take the lock knows the owner is gone; a prefix without a lock
+   file has only orphans left, removed once they are older than ``ORPHAN_AGE`` seconds
+   (and no process with the pid in their name is visible: a fastvec older than the
+   lock). Forked workers inherit the lock's fd, so the lock lives while any of them does.
 
 The API the rest of the package uses::
 
     new_prefix()                       a fresh "/fv<pid>_<hex>_"
     names = Names(prefix)              creates and locks <prefix>lock; names.prefix
-    names.track_segment(name)          unlink this segment in unlink_all
+    names.track_segment(name)          unlink this segment in unlink_all (and on death)
     names.track_semaphore(name)        the same for a semaphore
     names.forget_semaphore(name)       unlink a semaphore now and stop tracking it
     names.unlink_all()                 unlink everything, the lock last; idempotent
@@ -44,6 +48,7 @@ import os
 import re
 import secrets
 import time
+from multiprocessing import resource_tracker
 
 import posix_ipc
 
@@ -58,6 +63,7 @@ LOCK = "lock"
 # belong to an instance being built right now (its lock is being created and locked).
 ORPHAN_AGE = 5.0
 _OWNED = re.compile(rf"^(?:sem\.)?({NAME_PREFIX}\d+_[0-9a-f]+_)")
+_SEGMENT, _SEMAPHORE = "shared_memory", "semaphore"  # the resource tracker's types
 
 
 def new_prefix() -> str:
@@ -270,40 +276,68 @@ class Names:
     def __init__(self, prefix: str):
         self._segments: set[str] = set()
         self._semaphores: set[str] = set()
+        self._registered: set[str] = set()
         self.prefix = prefix
         self._pid = os.getpid()
         self._lock_fd = _create_lock(prefix + LOCK)
         self._lock_name = prefix + LOCK
+        self._register(self._lock_name, _SEGMENT)
 
     def track_segment(self, name: str) -> None:
-        """Unlink segment ``name`` in unlink_all()."""
-        self._segments.add(name)
+        """Unlink segment ``name`` in unlink_all(), or through the tracker if we die first."""
+        if name not in self._segments:
+            self._segments.add(name)
+            self._register(name, _SEGMENT)
 
     def track_semaphore(self, name: str) -> None:
-        """Unlink semaphore ``name`` in unlink_all()."""
-        self._semaphores.add(name)
+        """Unlink semaphore ``name`` in unlink_all(), or through the tracker if we die first."""
+        if name not in self._semaphores:
+            self._semaphores.add(name)
+            self._register(name, _SEMAPHORE)
 
     def forget_semaphore(self, name: str) -> None:
         """Unlink semaphore ``name`` now (e.g. a replaced worker's) and stop tracking it."""
         unlink_semaphore(name)
         self._semaphores.discard(name)
+        self._unregister(name, _SEMAPHORE)
 
     def unlink_all(self) -> None:
         """Unlink every tracked name, then the lock, and let go of the lock. Idempotent."""
         fd, self._lock_fd = self._lock_fd, -1
         lock, self._lock_name = self._lock_name, None
         if self._pid == os.getpid():
-            for names, unlink in ((self._segments, unlink_segment),
-                                  (self._semaphores, unlink_semaphore)):
+            for names, unlink, rtype in ((self._segments, unlink_segment, _SEGMENT),
+                                         (self._semaphores, unlink_semaphore, _SEMAPHORE)):
                 for name in list(names):
                     unlink(name)
+                    self._unregister(name, rtype)
                 names.clear()
-            unlink_segment(lock)
+            if lock is not None:
+                unlink_segment(lock)
+                self._unregister(lock, _SEGMENT)
         # else: a forked copy of the owner. Its names are the owner's; closing this copy
         # of the fd leaves the owner's lock in place.
         if fd >= 0:
             os.close(fd)
 
+    def _register(self, name: str, rtype: str) -> None:
+        try:
+            resource_tracker.register(name, rtype)
+        except Exception as exc:  # e.g. no usable sys.executable: sweeps remain the backstop
+            log.warning("cannot register %s with the resource tracker (%s): if this process "
+                        "dies it stays in %s until a later fastvec instance sweeps it",
+                        name, exc, SHM_DIR)
+        else:
+            self._registered.add(name)
+
+    def _unregister(self, name: str, rtype: str) -> None:
+        # Only what was registered: the tracker prints a KeyError for anything else.
+        if name in self._registered:
+            self._registered.discard(name)
+            try:
+                resource_tracker.unregister(name, rtype)
+            except Exception as exc:
+                log.warning("cannot unregister %s from the resource tracker: %s", name, exc)
 
 
 def leftovers() -> list[str]:

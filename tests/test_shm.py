@@ -1,4 +1,5 @@
-"""fastvec.shm under real faults: a full /dev/shm, owners in another PID namespace.
+"""fastvec.shm under real faults: a full /dev/shm, owners in another PID namespace, owners
+killed by SIGKILL and SIGTERM.
 
 A small /dev/shm is a private tmpfs in a private mount namespace (``unshare -m``), so these
 tests never fill or sweep the machine's /dev/shm; they are skipped where ``unshare`` is not
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -263,3 +265,108 @@ def test_a_sweep_from_another_pid_namespace_leaves_a_live_instance_alone(context
         assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
         print("OK")
     """, shm_size="16m"))
+
+
+_WAITS = """
+    import time
+    import psutil
+    def wait_until(pred, timeout):
+        deadline = time.monotonic() + timeout
+        while not pred() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return pred()
+    def gone(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+"""
+
+
+def test_a_sweep_from_another_pid_namespace_removes_a_killed_owners_names():
+    need_pid_namespace()
+    assert_ok(run_python(_SWEEP_ELSEWHERE + _WAITS + """
+    import os, signal, subprocess, sys
+    OWNER = '''
+    import os, sys, time
+    from multiprocessing import resource_tracker
+    import numpy as np
+    import envs, fastvec
+    env = fastvec.FastVectorEnv([envs.AttrEnv] * 2, context="fork")
+    env.reset(seed=0)
+    print(resource_tracker._resource_tracker._pid, *[h["pid"] for h in env.health()], flush=True)
+    time.sleep(300)
+    '''
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        tracker, *workers = [int(p) for p in owner.stdout.readline().split()]
+        names = sorted(os.listdir("/dev/shm"))
+        assert len(names) == 7, names  # lock, main, p0, p1, done, r0g0, r1g0
+        os.kill(tracker, signal.SIGKILL)  # the tracker dies too: only a sweep can clean up now
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        # forked workers hold the lock until they exit
+        assert wait_until(lambda: all(gone(p) for p in workers), 30.0), workers
+        assert sorted(os.listdir("/dev/shm")) == names, os.listdir("/dev/shm")
+        removed = sweep_elsewhere()
+        assert sorted(removed) == names and os.listdir("/dev/shm") == [], (removed, names)
+    finally:
+        owner.kill()
+        owner.wait()
+    print("OK")
+    """, shm_size="16m"))
+
+
+# -- the resource tracker: memory back when the owner dies -------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_killed_owners_names_and_workers_are_gone_without_another_run(context, sig):
+    need_private_shm()  # where only the owner's resource tracker can clean up
+    assert_ok(run_python(_WAITS + f"""
+    import os, subprocess, sys
+    OWNER = '''
+    import sys, time
+    import envs, fastvec
+    if __name__ == "__main__":
+        env = fastvec.FastVectorEnv([envs.AttrEnv] * 2, context={context!r})
+        env.reset(seed=0)
+        print(*[h["pid"] for h in env.health()], flush=True)
+        time.sleep(300)
+    '''
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in owner.stdout.readline().split()]
+        assert len(workers) == 2 and len(os.listdir("/dev/shm")) == 7, os.listdir("/dev/shm")
+        owner.send_signal({int(sig)})
+        assert owner.wait(30) == -{int(sig)}, owner.returncode
+        assert wait_until(lambda: all(gone(p) for p in workers), 5.0), workers
+        assert wait_until(lambda: not os.listdir("/dev/shm"), 5.0), os.listdir("/dev/shm")
+    finally:
+        owner.kill()
+        owner.wait()
+    print("OK")
+    """, shm_size="16m"))
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_clean_run_leaves_no_warning_from_the_resource_tracker(context):
+    """Every normal unlink is unregistered: no "leaked objects" warning when the tracker
+    exits, no KeyError for a name it never had (a respawned worker's semaphore)."""
+    proc = run_python(f"""
+        import os, signal
+        import numpy as np
+        import envs, fastvec
+        if __name__ == "__main__":
+            env = fastvec.FastVectorEnv([envs.AttrEnv] * 2, context={context!r})
+            env.reset(seed=0)
+            os.kill(env.health()[0]["pid"], signal.SIGKILL)  # respawn: a new semaphore
+            for _ in range(3):
+                env.step(np.array([0, 1]))
+            assert env.health()[0]["restarts"] >= 1, env.health()
+            env.close()
+            print("OK")
+    """)
+    assert_ok(proc)
+    assert "resource_tracker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
