@@ -14,8 +14,9 @@ except ImportError as _exc:  # pragma: no cover - depends on how fastvec was ins
 
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, PayloadTooLargeError,
-                            RestartBudgetExceeded, SpaceMismatchError, UnpicklableInfoError,
-                            UnsupportedSpaceError, WaitTimeout, WorkerFailure)
+                            RestartBudgetExceeded, SharedMemoryFullError, SpaceMismatchError,
+                            UnpicklableInfoError, UnsupportedSpaceError, WaitTimeout,
+                            WorkerFailure)
 from fastvec.registration import make_vec, vector_entry_point
 from fastvec.vector_env import FastVectorEnv
 
@@ -25,7 +26,7 @@ __all__ = [
     "FastVectorEnv", "make_vec", "vector_entry_point", "FastVecError", "WorkerFailure",
     "RestartBudgetExceeded", "ClosedEnvError", "AlreadyPendingCallError", "NoAsyncCallError",
     "WaitTimeout", "InvalidActionError", "SpaceMismatchError", "UnsupportedSpaceError",
-    "PayloadTooLargeError", "UnpicklableInfoError",
+    "PayloadTooLargeError", "SharedMemoryFullError", "UnpicklableInfoError",
 ]
 
 WILDFIRE_ID = "fastvec/Wildfire-v0"

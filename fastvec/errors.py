@@ -98,3 +98,9 @@ class WorkerFailure(FastVecError):
 
 class RestartBudgetExceeded(WorkerFailure):
     """Too many restarts of one worker slot within the budget window: likely a deterministic bug."""
+
+
+class SharedMemoryFullError(FastVecError, OSError):
+    """A shared-memory segment or semaphore could not be created: /dev/shm is full (or
+    refused). ``errno`` is the operating system's; the message says how much was needed,
+    how much was free, and how to make room."""

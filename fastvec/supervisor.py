@@ -32,7 +32,7 @@ import posix_ipc
 from fastvec import _ring
 from fastvec.errors import FastVecError, RingError, WaitTimeout
 from fastvec.options import Options
-from fastvec.shm import Names, Segment, create_semaphore, get_pickle, unlink_semaphore
+from fastvec.shm import Names, Segment, create_semaphore, get_pickle
 from fastvec.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("fastvec")
@@ -132,11 +132,11 @@ class Supervisor:
         self.zombies: list = []
         self.done_sem_name = prefix + "done"
         self.done_sem = create_semaphore(self.done_sem_name)
-        names.semaphores.add(self.done_sem_name)
+        names.track_semaphore(self.done_sem_name)
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
         for w, env_indices in enumerate(slots_envs):
             pname = f"{prefix}p{w}"
-            names.segments.add(pname)
+            names.track_segment(pname)
             payload = Segment(pname, 64 * 1024, create=True)
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
@@ -186,11 +186,10 @@ class Supervisor:
             try:
                 if slot.req_sem is not None:
                     slot.req_sem.close()
-                    unlink_semaphore(slot.req_sem_name)
-                    self.names.semaphores.discard(slot.req_sem_name)
+                    self.names.forget_semaphore(slot.req_sem_name)
                     slot.req_sem = None
                 slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
-                self.names.semaphores.add(slot.req_sem_name)
+                self.names.track_semaphore(slot.req_sem_name)
                 slot.req_sem = create_semaphore(slot.req_sem_name)
                 start_seq = self.next_seq()
                 slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)

@@ -68,7 +68,7 @@ class _Resources:
     """What the finalizer must clean if the env is collected without close()."""
 
     def __init__(self):
-        self.names = Names()
+        self.names = Names(new_prefix())
         self.supervisor: Supervisor | None = None
         self.main: Segment | None = None
 
@@ -204,8 +204,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         res = self._resources = _Resources()
         self._finalizer = weakref.finalize(self, res.cleanup)
         try:
-            prefix = new_prefix()
-            res.names.segments.add(prefix + "main")
+            prefix = res.names.prefix
+            res.names.track_segment(prefix + "main")
             res.main = Segment(prefix + "main", self._plan.size, create=True)
             self._views = self._plan.views(res.main.mm)
             res.supervisor = self._sup = Supervisor(

@@ -1,10 +1,11 @@
 """Operating-system hygiene: after close(), after garbage collection without close(), and
 after a constructor that fails, nothing of the instance is left in /dev/shm, no worker
 process, no watchdog thread, no mapping and no file descriptor; stale names of dead owners
-are swept by the next instance."""
+(their prefix's lock is free) are swept by the next instance."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import os
@@ -178,9 +179,18 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def plant(pid: int) -> tuple[str, str]:
-    """A segment and a semaphore named as fastvec names them, owned by ``pid``."""
+_HELD: dict[str, int] = {}  # lock name -> the fd holding it for a planted live owner
+
+
+def plant(pid: int, owner_alive: bool = False) -> tuple[str, str]:
+    """A segment and a semaphore named as fastvec names them, with pid ``pid`` in the name
+    and the prefix's lock file, held (as a live owner holds it) when ``owner_alive``."""
     stem = f"/fv{pid}_{secrets.token_hex(4)}_"
+    lock = posix_ipc.SharedMemory(stem + "lock", posix_ipc.O_CREX, size=1)
+    if owner_alive:
+        _HELD[stem + "lock"] = os.dup(lock.fd)
+        fcntl.flock(_HELD[stem + "lock"], fcntl.LOCK_EX)
+    lock.close_fd()
     seg = posix_ipc.SharedMemory(stem + "main", posix_ipc.O_CREX, size=4096)
     seg.close_fd()
     create_semaphore(stem + "done").close()
@@ -192,7 +202,11 @@ def exists(seg: str, sem: str) -> tuple[bool, bool]:
 
 
 def unlink_quietly(seg: str, sem: str) -> None:
-    for fn, name in ((posix_ipc.unlink_shared_memory, seg), (posix_ipc.unlink_semaphore, sem)):
+    lock = seg.removesuffix("main") + "lock"
+    if lock in _HELD:
+        os.close(_HELD.pop(lock))
+    for fn, name in ((posix_ipc.unlink_shared_memory, seg), (posix_ipc.unlink_semaphore, sem),
+                     (posix_ipc.unlink_shared_memory, lock)):
         try:
             fn(name)
         except posix_ipc.ExistentialError:
@@ -213,8 +227,8 @@ def test_stale_names_of_a_dead_owner_are_swept_by_the_next_instance():
 
 
 def test_names_of_live_owners_are_not_swept():
-    other = plant(os.getppid())  # a live process that is not us
-    mine = plant(os.getpid())  # this process: live, never swept
+    other = plant(os.getppid(), owner_alive=True)  # a live owner that is not us
+    mine = plant(os.getpid(), owner_alive=True)  # this process: live, never swept
     try:
         env = make("fork")
         env.close()
