@@ -20,6 +20,9 @@ restart against the faults planted; every blocking call of the parent against a 
 computed from its timeouts and the fault in flight (SIGALRM ends a call that overruns, so
 a hang fails the run too, naming the call and the fault); and at the end no leaked
 segments, semaphores, fds or processes, and bounded RSS growth.
+
+The budget never runs out there; test_soak_disable, short, spends it on purpose
+(on_budget_exhausted="disable") and has resets bring the envs back.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ HEARTBEAT_TIMEOUT = 1.0
 STEP_TIMEOUT = 2.0
 START_TIMEOUT = 6.0
 CLOSE_TIMEOUT = 2.0
-RECYCLE_EPISODES = 5  # an env's episode lasts 20..60 steps: a recycle every ~10 steps
+RECYCLE_EPISODES = 5  # episodes last 20..60 steps: 6 envs recycle every ~35 steps
 WATCH = min(0.25, HEARTBEAT_TIMEOUT / 4, STEP_TIMEOUT / 4)  # the watchdog's period
 SLACK = 3.0  # the parent's own work and scheduling on a loaded 2-core machine
 
@@ -140,6 +143,7 @@ class Soak:
         # faults leave these envs alone, so that only that recycling can fire it.
         self.recycle_init: dict[int, str] = {}
         self.check_due = False  # the expected restarts changed: compare them after the call
+        self.out: set[int] = set()  # envs out of play: their restart budget ran out
 
     # -- bookkeeping --------------------------------------------------------------------
     def count(self, phase: str, kind: str) -> None:
@@ -314,10 +318,20 @@ class Soak:
         self.clock.check("step", fault, self.exact(bound, (term | trunc).any()))
         self.obs = obs
         stats["steps"] += 1
-        assert "env_disabled" not in info, f"env disabled at step {stats['steps']}"
-        flagged = info.get("_worker_restarted", np.zeros(N_ENVS, bool))
+        none = np.zeros(N_ENVS, bool)
+        flagged = info.get("_worker_restarted", none)
+        disabled = info.get("_env_disabled", none)
         for i in range(N_ENVS):
             kind = self.pending.pop(i, None)
+            if i in self.out:
+                assert disabled[i] and not flagged[i], \
+                    f"env {i} is out of play but step {stats['steps']} reported {info}"
+                assert kind is None or kind not in TOLERATED
+                assert trunc[i] and not term[i] and rew[i] == 0.0
+                np.testing.assert_array_equal(obs[i], prev[i])
+                stats["out_of_play"] = stats.get("out_of_play", 0) + 1
+                continue
+            assert not disabled[i], f"env {i} disabled at step {stats['steps']}"
             if flagged[i]:
                 assert kind is not None and kind not in TOLERATED, \
                     f"env {i} flagged without a fault at step {stats['steps']}"
@@ -415,6 +429,11 @@ def test_soak(tmp_path, context):
     finally:
         if not env.closed:
             env.close(terminate=True)
+    finish(stats, clock, fds0, command_dir)
+
+
+def finish(stats: dict, clock: Clock, fds0: dict, command_dir: str) -> None:
+    """After close: every planted fault fired, nothing leaked; print and file the stats."""
     assert not os.listdir(command_dir), f"faults planted that never fired: " \
                                         f"{os.listdir(command_dir)}"
     assert wait_until(lambda: not my_leftovers() and not worker_children(), 5.0)
@@ -430,3 +449,84 @@ def test_soak(tmp_path, context):
     if report:
         with open(report, "a") as f:
             f.write(json.dumps(stats) + "\n")
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_soak_disable(tmp_path, context):
+    """The restart budget runs out (on_budget_exhausted="disable"): the env stays in the
+    batch, truncated with env_disabled, out of play for steps and calls, until a masked
+    reset tries it again, with a fresh budget that tolerates one failed build."""
+    rng = np.random.default_rng(int(os.environ.get("FASTVEC_SOAK_SEED", "12345")) + 1)
+    command_dir = str(tmp_path)
+    fns = [functools.partial(SoakEnv, command_dir, i) for i in range(N_ENVS)]
+    FastVectorEnv([CounterEnv], context=context).close()  # multiprocessing's one-time helpers
+    fds0 = open_fds()
+    clock = Clock()
+    stats = {"context": context, "test": "disable", "steps": 0, "episodes": 0, "faults": {},
+             "flagged": {"step": 0, "reset": 0}, "slow_untouched": 0, "out_of_play": 0}
+    env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                        step_timeout=STEP_TIMEOUT, start_timeout=START_TIMEOUT,
+                        max_restarts=1, restart_window=600.0, on_budget_exhausted="disable")
+    soak = Soak(env, command_dir, rng, clock, stats)
+    used = np.zeros(N_ENVS, np.int64)  # restarts counted in each env's budget window
+    try:
+        soak.obs, _ = env.reset(seed=7)
+        for _ in range(6):
+            for _ in range(int(rng.integers(3, 30))):
+                soak.step("none", SLACK)
+            # SIGKILL a worker; its replacement fails to build unless the budget is spent
+            # already: either way the second count of the window disables the env.
+            i = int(rng.integers(N_ENVS))
+            fault, bound = f"disable: SIGKILL of env {i}'s worker", SLACK
+            if used[i] == 0:
+                plant(command_dir, i, "init", "exception")
+                soak.count("init", "exception")
+                fault, bound = fault + ", then init:exception", SLACK + START_TIMEOUT
+            soak.expected[i] += 2 - used[i]
+            soak.count("disable", "sigkill")
+            os.kill(env.health()[i]["pid"], signal.SIGKILL)
+            soak.out.add(i)
+            soak.pending[i] = "sigkill"
+            soak.step(fault, bound)
+            soak.check_restarts(fault)
+            assert env.health()[i]["disabled"]
+            for _ in range(int(rng.integers(1, 10))):
+                soak.step("none", SLACK)
+            fault = f"a call while env {i} is out of play"
+            with clock.call("call", fault, SLACK):
+                got = env.call("soak_fault", -1, "none")
+            clock.check("call", fault, SLACK)
+            assert got == tuple(None if j == i else j for j in range(N_ENVS)), got
+            # A masked reset tries it again; half the time its first build fails too.
+            mask = rng.random(N_ENVS) < 0.5
+            mask[i] = True
+            fault, bound, used[i] = f"the reset that tries env {i} again", SLACK + START_TIMEOUT, 0
+            if rng.random() < 0.5:
+                plant(command_dir, i, "init", "exception")
+                soak.count("init_reenable", "exception")
+                soak.expected[i] += 1
+                fault, bound, used[i] = fault + ", init:exception", bound + START_TIMEOUT, 1
+            prev = soak.obs
+            with clock.call("reset", fault, bound):
+                soak.obs, infos = env.reset(options={"reset_mask": mask})
+            clock.check("reset", fault, bound)
+            assert "_worker_restarted" not in infos and "_env_disabled" not in infos, infos
+            for j in range(N_ENVS):
+                if mask[j]:
+                    assert soak.obs[j][1] == 0 and soak.obs[j][2] == 0, f"env {j} not reset"
+                    soak.fresh[j] = False
+                else:
+                    np.testing.assert_array_equal(soak.obs[j], prev[j])
+            soak.out.discard(i)
+            soak.check_restarts(fault)
+        for _ in range(10):
+            soak.step("none", SLACK)
+        stats["restarts"] = int(soak.expected.sum())
+        bound = CLOSE_TIMEOUT + 1.0 + SLACK
+        with clock.call("close", "none", bound):
+            env.close(timeout=CLOSE_TIMEOUT)
+        clock.check("close", "none", bound)
+    finally:
+        if not env.closed:
+            env.close(terminate=True)
+    finish(stats, clock, fds0, command_dir)
