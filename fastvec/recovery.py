@@ -127,17 +127,19 @@ class Recovery:
 
     # -- replacing ---------------------------------------------------------------------------
     def replace(self, items: list[tuple[Slot, Failure, ReplacementPlan]], *,
-                planned: bool = False) -> list[UserError]:
+                planned: bool = False, retry: bool = False) -> list[UserError]:
         """Replace the workers of these slots, all in parallel; returns when every slot
         serves again or is disabled. ``planned``: recycling (the first attempt retires the
-        old worker and does not count against the budget).
+        old worker and does not count against the budget). ``retry``: a reset trying a
+        disabled slot again (its first attempt does not count either: that failure was
+        counted when it happened).
 
         Returns the user errors of replayed resets (the caller raises the first one).
         Raises RestartBudgetExceeded (policy "raise"), or a usage error (SpaceMismatchError)
         that a replayed reset reported.
         """
         user_errors: list[UserError] = []
-        todo = [(slot, failure, plan, planned) for slot, failure, plan in items]
+        todo = [(slot, failure, plan, planned or retry) for slot, failure, plan in items]
         while todo:
             started: list[tuple[Slot, ReplacementPlan]] = []
             retry: list[tuple[Slot, Failure, ReplacementPlan, bool]] = []
@@ -145,7 +147,7 @@ class Recovery:
                 if not first_planned and not self._count(slot, failure):
                     self._exhausted(slot, failure)
                     continue
-                if first_planned:
+                if first_planned and planned:
                     self.sup.retire_slot(slot)
                     slot.recycles += 1
                 else:
@@ -202,7 +204,7 @@ class Recovery:
             items.append((slot, failure, ReplacementPlan(when=when)))
             log.info("worker %d (envs %s): trying disabled envs again", slot.index,
                      list(slot.env_indices))
-        self.replace(items)
+        self.replace(items, retry=True)
 
     # -- recycling -------------------------------------------------------------------------
     def recycle_reason(self, slot: Slot) -> str | None:

@@ -429,3 +429,19 @@ def test_health_latency_after_send_recv():
             assert lat["p50"] >= 2.0  # every sample is a real 3 ms step, no zeros mixed in
     finally:
         env.close()
+
+
+def test_reset_retries_a_disabled_env_even_with_no_restart_budget():
+    """The failure that disabled a slot was counted when it happened: the reset that tries
+    the slot again must not count it a second time (with max_restarts=0 it never started)."""
+    env = FastVectorEnv([CounterEnv] * 2, max_restarts=0, on_budget_exhausted="disable")
+    try:
+        env.reset(seed=0)
+        kill_worker(env, 0)
+        obs, rew, term, trunc, info = env.step(np.zeros(2, np.int64))
+        assert info["_env_disabled"][0] and env.health()[0]["restarts"] == 1
+        obs, info = env.reset(options={"reset_mask": np.array([True, False])})
+        assert "env_disabled" not in info and obs[0][1] == 0
+        assert env.health()[0]["restarts"] == 1 and not env.health()[0]["disabled"]
+    finally:
+        env.close()
