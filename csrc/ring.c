@@ -125,6 +125,31 @@ uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) 
     }
 }
 
+int fv_sem_wait(sem_t *s, int64_t timeout_ns) {
+    int rc;
+    if (timeout_ns < 0) {
+        rc = sem_wait(s);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = (int64_t)ts.tv_nsec + timeout_ns % 1000000000LL;
+        ts.tv_sec += (time_t)(timeout_ns / 1000000000LL + ns / 1000000000LL);
+        ts.tv_nsec = (long)(ns % 1000000000LL);
+        rc = sem_clockwait(s, CLOCK_MONOTONIC, &ts);
+    }
+    if (rc == 0) return FV_WAIT_OK;
+    if (errno == ETIMEDOUT) return FV_WAIT_TIMEOUT;
+    if (errno == EINTR) return FV_WAIT_INTR;
+    return FV_WAIT_ERROR;
+}
+
+int fv_sem_trywait(sem_t *s) {
+    if (sem_trywait(s) == 0) return FV_WAIT_OK;
+    if (errno == EAGAIN) return FV_WAIT_TIMEOUT;
+    if (errno == EINTR) return FV_WAIT_INTR;
+    return FV_WAIT_ERROR;
+}
+
 void fv_begin(fv_ctl *c) { STORE(&c->busy_since_ns, fv_now_ns()); }
 
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) {

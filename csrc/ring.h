@@ -68,6 +68,7 @@
 #ifndef FASTVEC_RING_H
 #define FASTVEC_RING_H
 
+#include <semaphore.h>
 #include <stdint.h>
 
 #define FV_MAGIC 0x31525646u /* "FVR1" */
@@ -181,6 +182,14 @@ uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
 /* Spin until resp_seq == target or spin_ns pass; returns resp_seq. (The parent waits for
    a known seq: sequence numbers are global, so "differs from the previous" says nothing.) */
 uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns);
+
+/* Semaphore waits for the parent. They return FV_WAIT_INTR on a signal instead of retrying,
+   so the caller (with the GIL) can run Python's signal handlers and let their exceptions
+   (KeyboardInterrupt, SystemExit from a SIGTERM handler, a deadline) propagate, then wait
+   on for the rest of its time. timeout_ns < 0 waits forever. */
+enum { FV_WAIT_OK = 0, FV_WAIT_TIMEOUT = 1, FV_WAIT_INTR = 2, FV_WAIT_ERROR = 3 };
+int fv_sem_wait(sem_t *s, int64_t timeout_ns);
+int fv_sem_trywait(sem_t *s);
 
 /* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
 uint64_t fv_now_ns(void);

@@ -1,6 +1,10 @@
 # Mirror of csrc/ring.h, one to one.
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
+cdef extern from "<semaphore.h>" nogil:
+    ctypedef struct sem_t:
+        pass
+
 cdef extern from "ring.h" nogil:
     enum:
         FV_MAGIC
@@ -79,6 +83,13 @@ cdef extern from "ring.h" nogil:
     uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
     uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) noexcept
     uint64_t fv_now_ns() noexcept
+    enum:
+        FV_WAIT_OK
+        FV_WAIT_TIMEOUT
+        FV_WAIT_INTR
+        FV_WAIT_ERROR
+    int fv_sem_wait(sem_t *s, int64_t timeout_ns) noexcept
+    int fv_sem_trywait(sem_t *s) noexcept
 
 
 cdef class Ctl:
@@ -90,3 +101,7 @@ cdef class Ctl:
 cdef class Batch:
     cdef fv_batch *b
     cdef object _buf
+
+
+cdef class Waiter:
+    cdef sem_t *s

@@ -2,7 +2,14 @@
 
 This is the one place where ring.h status codes become Python exceptions.
 """
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cdef extern from "<semaphore.h>" nogil:
+    sem_t *sem_open(const char *name, int oflag)
+    int sem_close(sem_t *s)
+    sem_t *SEM_FAILED
 
 from fastvec.errors import RingError
 
@@ -251,3 +258,75 @@ cdef class Batch:
     @property
     def epoch(self):
         return (self.b.state >> 32) if self.b != NULL else 0
+
+
+
+cdef int _run_signal_handlers() except -1:
+    return PyErr_CheckSignals()
+
+
+cdef class Waiter:
+    """The parent's handle on a named semaphore for waiting (posix_ipc creates and owns it).
+
+    Unlike posix_ipc's acquire, a signal interrupts the wait only to run Python's signal
+    handlers: an exception they raise (KeyboardInterrupt, SystemExit from a SIGTERM handler,
+    a deadline of the caller's) propagates; otherwise the wait goes on for the rest of its
+    time. ``timeout``: None waits forever, 0 tries once, > 0 waits at most that long.
+    """
+
+    def __cinit__(self, name: str):
+        self.s = sem_open(name.encode(), 0)
+        if self.s == SEM_FAILED:
+            self.s = NULL
+            raise OSError(errno, f"cannot open semaphore {name}")
+
+    def acquire(self, timeout=None) -> bool:
+        """True if the semaphore was taken, False if the time ran out."""
+        cdef sem_t *s = self.s
+        cdef int rc
+        cdef int64_t ns
+        cdef uint64_t deadline = 0
+        if s == NULL:
+            raise RingError("semaphore used after close()")
+        if timeout is not None:
+            deadline = fv_now_ns() + <uint64_t>(max(0.0, timeout) * 1e9)
+        while True:
+            if timeout is None:
+                ns = -1
+            else:
+                ns = <int64_t>deadline - <int64_t>fv_now_ns()
+                if ns < 0:
+                    ns = 0
+            with nogil:
+                rc = fv_sem_trywait(s) if ns == 0 else fv_sem_wait(s, ns)
+            if rc == FV_WAIT_OK:
+                return True
+            if rc == FV_WAIT_TIMEOUT:
+                return False
+            if rc == FV_WAIT_INTR:
+                _run_signal_handlers()
+                continue
+            raise OSError(errno, "sem_wait failed")
+
+    def drain(self) -> int:
+        """Take every pending post without waiting; returns how many there were."""
+        cdef int n = 0
+        if self.s == NULL:
+            return 0
+        while True:
+            rc = fv_sem_trywait(self.s)
+            if rc == FV_WAIT_OK:
+                n += 1
+            elif rc == FV_WAIT_INTR:
+                continue
+            else:
+                return n
+
+    def close(self):
+        if self.s != NULL:
+            sem_close(self.s)
+            self.s = NULL
+
+    def __dealloc__(self):
+        if self.s != NULL:
+            sem_close(self.s)

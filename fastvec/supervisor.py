@@ -132,6 +132,7 @@ class Supervisor:
         self.zombies: list = []
         self.done_sem_name = prefix + "done"
         self.done_sem = create_semaphore(self.done_sem_name)
+        self.done_waiter = _ring.Waiter(self.done_sem_name)  # waits that let signals through
         names.track_semaphore(self.done_sem_name)
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
         for w, env_indices in enumerate(slots_envs):
@@ -292,13 +293,7 @@ class Supervisor:
         """Empty the done semaphore: it is a wake-up hint, resp_seq is the truth. Posts a
         previous wait did not need (it found the replies already there) go here, so the
         count stays bounded however the caller interleaves its own work."""
-        while True:
-            try:
-                self.done_sem.acquire(0)
-            except posix_ipc.BusyError:
-                return
-            except posix_ipc.SignalError:
-                continue
+        self.done_waiter.drain()
 
     def _settle(self, slot: Slot) -> None:
         """The reply arrived: a hung/frozen finding about that very request is void (the
@@ -323,7 +318,7 @@ class Supervisor:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem, spin = self.done_sem, self.options.spin_ns
+        sem, spin = self.done_waiter, self.options.spin_ns
         self._drain()
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
@@ -347,12 +342,7 @@ class Supervisor:
                         raise WaitTimeout(f"no reply from worker {slot.index} "
                                           f"(envs {list(slot.env_indices)}) within {timeout} s")
                     wait = min(wait, poll)
-                try:
-                    sem.acquire(wait)
-                except posix_ipc.BusyError:
-                    pass
-                except posix_ipc.SignalError:
-                    pass  # Python runs the handler (e.g. KeyboardInterrupt) at the next bytecode
+                sem.acquire(wait)  # a signal handler's exception propagates from here
                 if poll > _FAILED_POLL and any(s.failure is not None for s in slots):
                     poll = _FAILED_POLL
         return failed
@@ -378,10 +368,7 @@ class Supervisor:
             if wait <= 0:
                 raise WaitTimeout(f"fewer than {count} of {len(slots)} envs answered within "
                                   f"{timeout} s")
-            try:
-                self.done_sem.acquire(wait)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
+            self.done_waiter.acquire(wait)
 
     def record_latency(self, slots: list[Slot]) -> None:
         for slot in slots:
@@ -562,6 +549,7 @@ class Supervisor:
             slot.ctl.release()
             slot.payload.close()
         self.batch.release()
+        self.done_waiter.close()
         self.done_sem.close()
         for fd in (self._wake_r, self._wake_w):
             try:

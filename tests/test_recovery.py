@@ -445,3 +445,29 @@ def test_reset_retries_a_disabled_env_even_with_no_restart_budget():
         assert env.health()[0]["restarts"] == 1 and not env.health()[0]["disabled"]
     finally:
         env.close()
+
+
+def test_a_signal_handlers_exception_reaches_the_caller_of_a_blocked_step():
+    """A SIGTERM handler that exits (a scheduler preempting the job) or a deadline of the
+    caller's must not be swallowed while step() waits on a frozen worker."""
+    class Deadline(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Deadline()
+
+    env = FastVectorEnv([CounterEnv] * 2, heartbeat_timeout=10.0)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        env.reset(seed=0)
+        pid = kill_worker(env, 1, signal.SIGSTOP)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Deadline) as info:
+            timed(env.step, np.zeros(2, np.int64))
+        assert info.value.took < 5.0  # not heartbeat_timeout=10 s later, and not lost
+        os.kill(pid, signal.SIGCONT)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        _, took = timed(env.close, timeout=1.0)
+        assert took < 1.0 + SLACK
