@@ -324,14 +324,17 @@ def test_done_semaphore_stays_bounded_with_work_between_async_and_wait(envs_per_
 def test_reply_after_a_frozen_finding_keeps_the_healthy_worker():
     """A reply that lands after the watchdog flagged the worker but before the parent read
     the flag: the finding is void, the worker is kept, nothing counts against the budget."""
-    env = FastVectorEnv([functools.partial(SlowStepEnv, 0.3)], heartbeat_interval=0.05,
+    env = FastVectorEnv([functools.partial(SlowStepEnv, 1.0)], heartbeat_interval=0.05,
                         heartbeat_timeout=0.3)
     try:
         env.reset(seed=0)
         slot = env._sup.slots[0]
         env.step_async(np.ones(1, np.int64))
         pid = kill_worker(env, 0, signal.SIGSTOP)
-        assert wait_until(lambda: slot.failure is not None, 5.0)  # flagged frozen
+        assert wait_until(lambda: slot.failure is not None, 5.0), (  # flagged frozen
+            slot.ctl.heartbeat, slot.hb_value, time.monotonic() - slot.hb_time,
+            env._sup._thread.is_alive(), slot.ctl.resp_seq, slot.expected,
+            open(f"/proc/{pid}/stat").read().split()[2])
         os.kill(pid, signal.SIGCONT)
         assert wait_until(lambda: slot.ctl.resp_seq == slot.expected, 5.0)  # it answered
         obs, rew, term, trunc, info = env.step_wait()
