@@ -12,7 +12,8 @@ except ImportError as _exc:  # pragma: no cover - depends on how fastvec was ins
         "is the source tree: run from another directory after `pip install .`, or build in "
         "place with `python setup.py build_ext --inplace`.") from _exc
 
-from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
+from fastvec.errors import (ActionBatchTypeError, AlreadyPendingCallError, ClosedEnvError,
+                            EnvSpacesError, FastVecError,
                             InvalidActionError, NoAsyncCallError, PayloadTooLargeError,
                             RestartBudgetExceeded, SharedMemoryFullError, SpaceMismatchError,
                             UnpicklableInfoError, UnsupportedSpaceError, WaitTimeout,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FastVectorEnv", "make_vec", "vector_entry_point", "FastVecError", "WorkerFailure",
+    "ActionBatchTypeError", "EnvSpacesError",
     "RestartBudgetExceeded", "ClosedEnvError", "AlreadyPendingCallError", "NoAsyncCallError",
     "WaitTimeout", "InvalidActionError", "SpaceMismatchError", "UnsupportedSpaceError",
     "PayloadTooLargeError", "SharedMemoryFullError", "UnpicklableInfoError",

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.vector import VectorEnv
 
-from fastvec import _raster, _ring
+from fastvec import _ring
 from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
-from fastvec.layout import unflatten
 from fastvec.recovery import ReplacementPlan, When
 from fastvec.shm import get_pickle
 
@@ -54,15 +53,13 @@ class FirstReadyBatches:
             raise AlreadyPendingCallError(f"envs {busy.tolist()} are still stepping; recv() "
                                           "them before sending them again", "recv")
         flat = self._flat_actions(actions, len(ids))
-        h = self._steps % 4
-        for view, hist, arr in zip(self._views.act, self._action_history, flat):
-            view[ids] = arr
-            hist[h][ids] = arr
+        self._write_actions(flat, ids)
         for i in ids:
             slot = self._env_to_slot[i]
             if slot.disabled is None and slot.lost is None:
                 self._sup.request(slot, _ring.OP_STEP,
-                                  int((self._env_ring[i] + 1) % self.options.ring_depth))
+                                  int((self._env_ring[i] + 1) % self.options.ring_depth),
+                                  self._put_pickled_actions(slot))
         self._inflight[ids] = True
 
     def recv(self, timeout: float | None = None):
@@ -119,16 +116,12 @@ class FirstReadyBatches:
                 batch._add_info(infos, self._disabled_info(slot.disabled) if slot.disabled
                                 else self._restart_info(failure), j)
             elif slot.ctl.resp_payload_len:
-                (info,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+                (info,), (pobs,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
                 if info:
                     batch._add_info(infos, info, j)
-        rows = rings * self.num_envs + ids
-        obs = []
-        for region in v.obs:
-            flat_rows = region.reshape(self.options.ring_depth * self.num_envs, *region.shape[2:])
-            out = np.empty((len(ids), *region.shape[2:]), region.dtype)
-            _raster.gather_rows(out, flat_rows, rows)
-            obs.append(out)
+                if pobs is not None:
+                    self._pobs[rings[j]][i] = pobs
+        obs = self._batch_obs(rings.tolist(), ids.tolist())
         rewards = v.reward[rings, ids].copy()
         terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
         self._env_ring[ids] = rings
@@ -141,5 +134,4 @@ class FirstReadyBatches:
             if due:
                 self._recovery.recycle(due, ReplacementPlan(when=When.NEXT))
         self._raise_if_policy([(s, f) for s, f in crashed])
-        return (unflatten(self.single_observation_space, obs), rewards, terminated, truncated,
-                infos, ids)
+        return obs, rewards, terminated, truncated, infos, ids

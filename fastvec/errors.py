@@ -41,12 +41,20 @@ class InvalidActionError(FastVecError, ValueError):
     """The batch of actions does not belong to the action space; nothing was sent."""
 
 
+class ActionBatchTypeError(InvalidActionError, TypeError):
+    """A single action was passed where a batch (one action per env) is needed."""
+
+
+class EnvSpacesError(FastVecError, RuntimeError):
+    """The envs' spaces cannot be batched together (as gymnasium, a ``RuntimeError``)."""
+
+
 class SpaceMismatchError(FastVecError, ValueError):
     """An env returned data that does not fit its declared space."""
 
 
 class UnsupportedSpaceError(FastVecError, TypeError):
-    """A space without a fixed size (Text, Graph, Sequence, ...) cannot live in shared memory."""
+    """Something that is not a gymnasium Space was given as a space."""
 
 
 class UnpicklableInfoError(FastVecError, TypeError):

@@ -1,7 +1,10 @@
 """From gymnasium spaces to a fixed byte layout in shared memory.
 
 A space is flattened into *leaves* (Box, Discrete, MultiDiscrete, MultiBinary), walking
-Dict and Tuple in order. Each leaf gets batched regions in the main segment:
+Dict and Tuple in order. A leaf without a fixed size (Text, Sequence, Graph, OneOf, any
+custom Space) is a *pickled* leaf: its values travel pickled through the worker's side
+buffer, per step, and are batched as gymnasium batches them (``concatenate``). Each fixed
+leaf gets batched regions in the main segment:
 
     obs    [depth][num_envs][*leaf.shape]   a ring of `depth` result slots
     action [num_envs][*leaf.shape]
@@ -19,31 +22,33 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.vector.utils import iterate
 
 from fastvec import _ring
-from fastvec.errors import InvalidActionError, SpaceMismatchError, UnsupportedSpaceError
+
+from fastvec.errors import (ActionBatchTypeError, InvalidActionError, SpaceMismatchError,
+                            UnsupportedSpaceError)
 
 _ALIGN = 64
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """One fixed-size array of a (possibly nested) space."""
+    """One array of a (possibly nested) space; ``pickled`` leaves have no fixed size."""
 
     path: tuple
     space: spaces.Space
-    shape: tuple
-    dtype: np.dtype
+    shape: tuple | None
+    dtype: np.dtype | None
+    pickled: bool = False
 
 
 @functools.singledispatch
 def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
-    """The fixed-size leaves of ``space``, depth first, in the space's own order."""
-    raise UnsupportedSpaceError(
-        f"{type(space).__name__} space {space} has no fixed size and cannot be placed in "
-        "shared memory; fastvec supports Box, Discrete, MultiDiscrete, MultiBinary and "
-        "Dict/Tuple of them. Wrap the env so it exposes one of those spaces."
-    )
+    """The leaves of ``space``, depth first, in the space's own order."""
+    if not isinstance(space, spaces.Space):
+        raise UnsupportedSpaceError(f"{space!r} is not a gymnasium Space")
+    return [Leaf(path, space, None, None, pickled=True)]
 
 
 @leaves.register(spaces.Box)
@@ -136,8 +141,12 @@ class Plan:
             offset = _aligned(offset + r.nbytes)
             return r
 
-        self.obs = [region((depth, num_envs, *lf.shape), lf.dtype) for lf in self.obs_leaves]
-        self.act = [region((num_envs, *lf.shape), lf.dtype) for lf in self.act_leaves]
+        self.obs = [None if lf.pickled else region((depth, num_envs, *lf.shape), lf.dtype)
+                    for lf in self.obs_leaves]
+        self.act = [None if lf.pickled else region((num_envs, *lf.shape), lf.dtype)
+                    for lf in self.act_leaves]
+        self.pickled_obs = [k for k, lf in enumerate(self.obs_leaves) if lf.pickled]
+        self.pickled_act = [k for k, lf in enumerate(self.act_leaves) if lf.pickled]
         self.reward = region((depth, num_envs), np.float64)
         self.terminated = region((depth, num_envs), np.bool_)
         self.truncated = region((depth, num_envs), np.bool_)
@@ -151,8 +160,8 @@ class Views:
     """numpy arrays over a mapped main segment, laid out by a :class:`Plan`."""
 
     def __init__(self, plan: Plan, buf):
-        self.obs = [r.view(buf) for r in plan.obs]
-        self.act = [r.view(buf) for r in plan.act]
+        self.obs = [None if r is None else r.view(buf) for r in plan.obs]  # None: pickled
+        self.act = [None if r is None else r.view(buf) for r in plan.act]
         self.reward = plan.reward.view(buf)
         self.terminated = plan.terminated.view(buf)
         self.truncated = plan.truncated.view(buf)
@@ -186,6 +195,18 @@ def check_actions(act_leaves: list[Leaf], flat: list, num_envs: int) -> list[np.
     """Validate a flattened batch of actions; returns them as arrays. Raises InvalidActionError."""
     out = []
     for leaf, value in zip(act_leaves, flat):
+        if leaf.pickled:  # no fixed size: as gymnasium, one item per env, unchecked
+            items = split_pickled(leaf.space, value)
+            if len(items) != num_envs:
+                raise InvalidActionError(
+                    f"actions for {leaf.space} have {len(items)} items; {num_envs} envs need "
+                    f"{num_envs}")
+            out.append(items)
+            continue
+        if np.ndim(value) == 0:
+            raise ActionBatchTypeError(
+                f"a single action {value!r} was passed where a batch of {num_envs} actions "
+                f"of {leaf.space} is needed (one per env)")
         arr = np.asarray(value)
         where = f" at {'/'.join(map(str, leaf.path))}" if leaf.path else ""
         want = (num_envs, *leaf.shape)
@@ -205,6 +226,14 @@ def check_actions(act_leaves: list[Leaf], flat: list, num_envs: int) -> list[np.
                 f"({int(bad.sum())} of {num_envs} envs out of bounds)")
         out.append(arr)
     return out
+
+
+def split_pickled(space: spaces.Space, value) -> list:
+    """One item per env of a batch of a space without a fixed size (gymnasium batches those
+    as a tuple, one item per env)."""
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    return list(iterate(space, value))
 
 
 def _all_in_space(space: spaces.Space, arr: np.ndarray) -> bool:

@@ -116,7 +116,8 @@ class Slot:
 
 class Supervisor:
     def __init__(self, *, options: Options, ctx, prefix: str, names: Names, main: Segment,
-                 plan, slots_envs: list, env_fns: list, single_spaces: tuple):
+                 plan, slots_envs: list, env_fns: list, single_spaces: tuple,
+                 observation_mode: str = "same"):
         self.options = options
         self.ctx = ctx
         self.prefix = prefix
@@ -124,6 +125,7 @@ class Supervisor:
         self.main = main
         self.plan = plan
         self.single_spaces = single_spaces
+        self.observation_mode = observation_mode
         self.seq = 0
         self.epoch = 0
         self.lock = threading.RLock()
@@ -206,6 +208,7 @@ class Supervisor:
                     heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
                     max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
                     spin_ns=opts.spin_ns, pending_seeds=pending_seeds,
+                    observation_mode=self.observation_mode,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 proc = self.ctx.Process(target=worker_main, args=(spec,), daemon=opts.daemon,
                                         name=f"fastvec-worker-{slot.index}")

@@ -23,14 +23,15 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import CloudpickleWrapper, batch_space
+from gymnasium.vector.utils import (CloudpickleWrapper, batch_differing_spaces, batch_space,
+                                    concatenate, create_empty_array)
 
-from fastvec import _ring
+from fastvec import _raster, _ring
 from fastvec.batches import FirstReadyBatches
-from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
-                            InvalidActionError, NoAsyncCallError, RemoteTraceback,
+from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesError,
+                            FastVecError, InvalidActionError, NoAsyncCallError, RemoteTraceback,
                             SpaceMismatchError, WorkerFailure)
-from fastvec.layout import Plan, check_actions, flatten, unflatten
+from fastvec.layout import Plan, check_actions, flatten, split_pickled, unflatten
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
@@ -121,7 +122,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
             the semaphore. 0 (default) always sleeps: on a loaded 2-core VM a spinner that
             shares a core with the process it waits for makes round trips slower.
-        observation_mode: ``"same"`` only (every env has env 0's observation space).
+        observation_mode: as gymnasium's: ``"same"`` (every env has env 0's observation
+            space), ``"different"`` (same shape and dtype, other bounds; batched with
+            ``batch_differing_spaces``), or a ``(batch_space, single_space)`` pair.
         daemon: start workers as daemon processes.
     """
 
@@ -152,15 +155,20 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         validate_actions: bool = True,
         spin_us: float = 0.0,
         batch_size: int | None = None,
-        observation_mode: str = "same",
+        observation_mode: str | tuple = "same",
         daemon: bool = True,
     ):
         self._state = State.DEFAULT
         self.closed = False
         env_fns = list(env_fns)
-        if observation_mode != "same":
-            raise ValueError("FastVectorEnv supports observation_mode='same' only: every env must "
-                             "have the observation space of env 0")
+        custom_spaces = isinstance(observation_mode, tuple) and len(observation_mode) == 2
+        if not custom_spaces and observation_mode not in ("same", "different"):
+            raise ValueError("Invalid `observation_mode`, expected: 'same' or 'different' or tuple "
+                             "of single and batch observation space, actual got "
+                             f"{observation_mode}")
+        if custom_spaces and not all(isinstance(sp, gym.Space) for sp in observation_mode):
+            raise TypeError("Expected both elements of observation_mode to be Spaces, got "
+                            f"{type(observation_mode[0])} and {type(observation_mode[1])}")
         opts = self.options = Options(
             context=context, copy=copy, autoreset_mode=autoreset_mode,
             envs_per_worker=envs_per_worker, on_failure=on_failure,
@@ -188,7 +196,22 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self.single_action_space = dummy.action_space
         finally:
             dummy.close()
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        # observation_mode, as gymnasium defines it: "same" (n copies of env 0's space),
+        # "different" (same shape and dtype, other bounds), or (batch space, single space).
+        self.observation_mode = observation_mode
+        if custom_spaces:
+            self.observation_space, self.single_observation_space = observation_mode
+        elif observation_mode == "different":
+            env_spaces = [self.single_observation_space]
+            for fn in env_fns[1:]:
+                env = fn()
+                try:
+                    env_spaces.append(env.observation_space)
+                finally:
+                    env.close()
+            self.observation_space = batch_differing_spaces(env_spaces)
+        else:
+            self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
         k = opts.envs_per_worker
@@ -212,13 +235,17 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 options=opts, ctx=multiprocessing.get_context(opts.context), prefix=prefix,
                 names=res.names, main=res.main, plan=self._plan, slots_envs=slots_envs,
                 env_fns=[CloudpickleWrapper(fn) for fn in env_fns],
-                single_spaces=(self.single_observation_space, self.single_action_space))
+                single_spaces=(self.single_observation_space, self.single_action_space),
+                observation_mode="same" if observation_mode == "same" else "different")
             for slot in self._sup.slots:
                 self._sup.start_process(slot)
             self._sup.start_watchdog()
             failures = self._sup.await_ready(self._sup.slots)
             if failures:
-                slot, failure = next(iter(failures.items()))
+                slot, failure = min(failures.items(), key=lambda item: item[0].index)
+                exc = failure.remote[0] if failure.remote else None
+                if isinstance(exc, EnvSpacesError):  # as gymnasium: a RuntimeError
+                    raise exc from RemoteTraceback(failure.remote[1])
                 raise self._failure_error(slot, failure, "while starting its envs")
         except BaseException:
             self._views = None
@@ -235,7 +262,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._restarts = np.zeros(self.num_envs, np.int64)
         self._needs_reset = np.zeros(self.num_envs, np.bool_)
         self._pending: PendingReset | PendingStep | None = None
-        self._action_history = [np.zeros((4, *a.shape), a.dtype) for a in self._views.act]
+        self._pobs = [[None] * self.num_envs for _ in range(opts.ring_depth)]  # pickled leaves
+        self._action_history = [np.zeros((4, *a.shape), a.dtype) for a in self._views.act
+                                if a is not None]
         self._steps = 0
 
     # -- properties of the contract ------------------------------------------------------
@@ -353,7 +382,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             if slot in replaced:
                 keep[list(slot.env_indices)] = False
             if slot.disabled is None:
-                self._collect_infos(slot, infos)
+                self._collect_infos(slot, infos, r)
         for slot, failure in crashed:
             flag = self._disabled_info(slot.disabled) if slot.disabled else self._restart_info(failure)
             for i in slot.env_indices:
@@ -387,10 +416,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 "autoreset_mode is DISABLED: reset them first with "
                 "reset(options={'reset_mask': mask})")
         flat = self._flat_actions(actions, self.num_envs)
-        h = self._steps % 4
-        for view, hist, arr in zip(self._views.act, self._action_history, flat):
-            np.copyto(view, arr, casting="unsafe")
-            hist[h] = view
+        self._write_actions(flat, np.arange(self.num_envs))
         self._align_rings()
         r = (self._ring + 1) % self.options.ring_depth
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
@@ -406,7 +432,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                                    self.options.max_payload_bytes)
                     requests.append((slot, _ring.OP_RESET, r, n, None))
                 continue
-            requests.append((slot, _ring.OP_STEP, r, 0, None))
+            requests.append((slot, _ring.OP_STEP, r, self._put_pickled_actions(slot), None))
         self._sup.send(requests)
         self._pending = PendingStep(r, [item[0] for item in requests], lost)
         self._state = State.WAITING_STEP
@@ -449,7 +475,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 infos = self._add_info(infos, self._disabled_info(slot.disabled) if slot.disabled
                                        else self._restart_info(failure), i)
             if fresh:
-                self._collect_infos(slot, infos)
+                self._collect_infos(slot, infos, r)
         for slot in self._sup.slots:
             if slot.disabled is not None and slot not in reported:
                 reported.add(slot)
@@ -467,12 +493,12 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             if same_step and slot in due:
                 self._keep_final(slot, infos)  # the new worker's reset infos follow
             else:
-                self._collect_infos(slot, infos)
+                self._collect_infos(slot, infos, r)
         if due:
             if same_step:  # the next episode must come from the new worker: it resets now
                 self._recovery.recycle(due, ReplacementPlan(when=When.NOW, ring=r))
                 for slot in due:
-                    self._collect_infos(slot, infos)
+                    self._collect_infos(slot, infos, r)
             else:
                 self._recovery.recycle(due, ReplacementPlan(when=When.NEXT))
         self._sup.record_latency([s for s in p.slots if s not in reported])
@@ -620,17 +646,70 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                                      f"{self.single_action_space} (batched): {exc}") from None
         if self.options.validate_actions:
             return check_actions(self._plan.act_leaves, flat, n)
-        return [np.asarray(a) for a in flat]
+        return [split_pickled(leaf.space, a) if leaf.pickled else np.asarray(a)
+                for leaf, a in zip(self._plan.act_leaves, flat)]
+
+    def _write_actions(self, flat: list, ids: np.ndarray) -> None:
+        """Fixed action leaves into their shared-memory rows (and the failure log's
+        history). Leaves without a fixed size, and arrays whose dtype is not the space's
+        (gymnasium hands the env the caller's element type: ``np.float64`` where the space
+        says float32), also travel per env through :meth:`_put_pickled_actions`."""
+        h = self._steps % 4
+        hist = iter(self._action_history)
+        self._pacts = {}
+        for k, (leaf, view, arr) in enumerate(zip(self._plan.act_leaves, self._views.act, flat)):
+            if view is None or arr.dtype != leaf.dtype:
+                for i, item in zip(ids, arr):
+                    self._pacts.setdefault(int(i), {})[k] = item
+            if view is None:
+                continue
+            if len(ids) == self.num_envs:
+                np.copyto(view, arr, casting="unsafe")
+            else:
+                view[ids] = arr
+            next(hist)[h][ids] = view[ids]
+
+    def _put_pickled_actions(self, slot: Slot) -> int:
+        """A step request's side-buffer part, per env: {leaf index: value} of the leaves
+        that do not travel through shared memory (nothing at all in the common case)."""
+        if not self._pacts:
+            return 0
+        payload = [self._pacts.get(i) for i in slot.env_indices]
+        return put_pickle(slot.payload, payload, self.options.max_payload_bytes)
 
     def _observations(self, r: int):
-        leaves = [region[r] for region in self._views.obs]
-        if self.copy:
-            leaves = [np.array(x) for x in leaves]
-        return unflatten(self.single_observation_space, leaves)
+        return self._batch_obs([r] * self.num_envs, range(self.num_envs))
+
+    def _batch_obs(self, rings, ids):
+        """The batch of envs ``ids`` whose rows sit in ring slots ``rings`` (lockstep: all
+        in one slot, a view or a copy; first-ready: gathered rows)."""
+        ids = list(ids)
+        out = []
+        one_slot = len(set(rings)) <= 1 and ids == list(range(self.num_envs))
+        for k, (leaf, region) in enumerate(zip(self._plan.obs_leaves, self._views.obs)):
+            if region is None:  # no fixed size: batched as gymnasium batches it
+                pk = self._plan.pickled_obs.index(k)
+                items = [self._pobs[r][i][pk] for r, i in zip(rings, ids)]
+                out.append(concatenate(leaf.space, items, create_empty_array(leaf.space, len(ids))))
+            elif one_slot:
+                out.append(np.array(region[rings[0]]) if self.copy else region[rings[0]])
+            else:
+                rows = np.asarray(rings, np.int64) * self.num_envs + np.asarray(ids, np.int64)
+                flat_rows = region.reshape(self.options.ring_depth * self.num_envs,
+                                           *region.shape[2:])
+                gathered = np.empty((len(ids), *region.shape[2:]), region.dtype)
+                _raster.gather_rows(gathered, flat_rows, rows)
+                out.append(gathered)
+        return unflatten(self.single_observation_space, out)
 
     def _row(self, r: int, i: int):
-        return unflatten(self.single_observation_space,
-                         [np.array(region[r, i]) for region in self._views.obs])
+        leaves = []
+        for k, region in enumerate(self._views.obs):
+            if region is None:
+                leaves.append(self._pobs[r][i][self._plan.pickled_obs.index(k)])
+            else:
+                leaves.append(np.array(region[r, i]))
+        return unflatten(self.single_observation_space, leaves)
 
     def _carry(self, env_ids, r: int) -> None:
         """Copy the latest observation rows of ``env_ids`` into ring slot ``r``."""
@@ -638,7 +717,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             prev = self._env_ring[i]
             if prev != r:
                 for region in self._views.obs:
-                    region[r, i] = region[prev, i]
+                    if region is not None:
+                        region[r, i] = region[prev, i]
+                self._pobs[r][i] = self._pobs[prev][i]
 
     def _align_rings(self) -> None:
         """After send/recv the envs' latest rows sit in different ring slots; a lockstep
@@ -669,20 +750,26 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self._add_info(infos, self._disabled_info(slot.disabled), i)
         self._carry(slot.env_indices, r)
 
-    def _collect_infos(self, slot: Slot, infos: dict) -> None:
+    def _collect_infos(self, slot: Slot, infos: dict, r: int) -> None:
+        """Read a reset/step reply's side-buffer part: infos, and the values of pickled
+        observation leaves (kept per ring slot and env, like the rows in shared memory)."""
         n = slot.ctl.resp_payload_len
         if not n:
             return
-        for i, info in zip(slot.env_indices, get_pickle(slot.payload, n)):
+        got, pobs = get_pickle(slot.payload, n)
+        for i, info, p in zip(slot.env_indices, got, pobs):
             if info:
                 self._add_info(infos, info, i)
+            if p is not None:
+                self._pobs[r][i] = p
 
     def _keep_final(self, slot: Slot, infos: dict) -> None:
         """SAME_STEP recycling: keep the old worker's final_obs / final_info only."""
         n = slot.ctl.resp_payload_len
         if not n:
             return
-        for i, info in zip(slot.env_indices, get_pickle(slot.payload, n)):
+        got, _ = get_pickle(slot.payload, n)
+        for i, info in zip(slot.env_indices, got):
             if info:
                 self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
                                        if key in info}, i)

@@ -27,7 +27,10 @@ import posix_ipc
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
-from fastvec.errors import PayloadTooLargeError, SpaceMismatchError, UnpicklableInfoError
+from gymnasium.spaces.utils import is_space_dtype_shape_equiv
+
+from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
+                            UnpicklableInfoError)
 from fastvec.layout import Plan, flatten, unflatten, write_leaf
 from fastvec.shm import Segment, get_pickle, put_pickle
 
@@ -53,6 +56,7 @@ class WorkerSpec:
     heartbeat_ms: int
     max_payload_bytes: int
     single_spaces: tuple  # (observation_space, action_space) the parent batched
+    observation_mode: str = "same"  # "same": spaces equal env 0's; else same shape and dtype
     spin_ns: int = 0  # spin this long for the next request before blocking
     # Seeds for the next reset of each env (a replacement's derived seeds), or None. Under
     # NEXT_STEP the first step is that reset (the predecessor's episode ended truncated).
@@ -93,16 +97,26 @@ class Worker:
     def start(self) -> None:
         """Build the envs, check their spaces, take the pending seeds."""
         self.envs = [fn() for fn in self.spec.env_fns]
+        same = self.spec.observation_mode == "same"
         for j, env in enumerate(self.envs):
             i = self.spec.env_indices[j]
-            if env.observation_space != self.obs_space:
-                raise SpaceMismatchError(
-                    f"env {i} has observation space {env.observation_space}, but the vector env "
-                    f"was built for {self.obs_space} (from env 0)")
+            if same and env.observation_space != self.obs_space:
+                raise EnvSpacesError(
+                    f"FastVectorEnv(..., observation_mode='same') however some of the "
+                    f"sub-environments observation spaces are not equivalent: env {i} has "
+                    f"{env.observation_space}, env 0 {self.obs_space}. If this is intentional, "
+                    "use `observation_mode='different'` instead.")
+            if not same and not is_space_dtype_shape_equiv(env.observation_space, self.obs_space):
+                raise EnvSpacesError(
+                    f"FastVectorEnv(..., observation_mode='different' or custom space) however "
+                    f"the sub-environment's observation spaces do not share a common shape and "
+                    f"dtype: env {i} has {env.observation_space}, the vector env expects "
+                    f"{self.obs_space}.")
             if env.action_space != self.act_space:
-                raise SpaceMismatchError(
-                    f"env {i} has action space {env.action_space}, but the vector env was "
-                    f"built for {self.act_space} (from env 0)")
+                raise EnvSpacesError(
+                    f"Some environments have an action space different from `{self.act_space}`: "
+                    f"env {i} has {env.action_space}. In order to batch actions, the action "
+                    "spaces from all environments must be equal.")
         if self.spec.pending_seeds is not None:
             for j, seed in enumerate(self.spec.pending_seeds):
                 self.pending_seed[j] = seed
@@ -112,14 +126,18 @@ class Worker:
     def on_reset(self, ring: int, mask: int) -> int:
         seeds, options = get_pickle(self.payload, self.ctl.req_payload_len)
         infos: list = [None] * len(self.envs)
+        pobs: list = [None] * len(self.envs)
         for j in range(len(self.envs)):
             if mask >> j & 1:
-                infos[j] = self._reset_one(j, ring, seeds[j], options[j])
-        return self._put_infos(infos)
+                infos[j], pobs[j] = self._reset_one(j, ring, seeds[j], options[j])
+        return self._put_reply(infos, pobs)
 
     def on_step(self, ring: int, mask: int) -> int:
         v = self.views
         infos: list = [None] * len(self.envs)
+        pobs: list = [None] * len(self.envs)
+        n = self.ctl.req_payload_len
+        pacts = get_pickle(self.payload, n) if n else None  # per env {leaf: value} or None
         for j, env in enumerate(self.envs):
             i = self.spec.env_indices[j]
             if self.autoreset[j]:  # NEXT_STEP: this step is the reset
@@ -127,7 +145,12 @@ class Worker:
                 reward, terminated, truncated = 0.0, False, False
                 self.autoreset[j] = False
             else:
-                action = unflatten(self.act_space, [a[i].copy() for a in v.act])
+                if pacts is None or pacts[j] is None:
+                    action = unflatten(self.act_space, [a[i].copy() for a in v.act])
+                else:
+                    pa = pacts[j]
+                    action = unflatten(self.act_space, [pa[k] if k in pa else a[i].copy()
+                                                        for k, a in enumerate(v.act)])
                 obs, reward, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
                     self.ctl.episodes = self.ctl.episodes + 1
@@ -138,13 +161,13 @@ class Worker:
                         final_obs, final_info = obs, info
                         obs, reset_info = env.reset(seed=self._take_seed(j, None))
                         info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
-            self._write_obs(i, ring, obs)
+            pobs[j] = self._write_obs(i, ring, obs)
             v.reward[ring, i] = reward
             v.terminated[ring, i] = terminated
             v.truncated[ring, i] = truncated
             if info:
                 infos[j] = info
-        return self._put_infos(infos)
+        return self._put_reply(infos, pobs)
 
     def on_call(self, ring: int, mask: int) -> int:
         name, args, kwargs = get_pickle(self.payload, self.ctl.req_payload_len)
@@ -183,27 +206,36 @@ class Worker:
         self.pending_seed[j] = None
         return seed
 
-    def _reset_one(self, j: int, ring: int, seed, options) -> dict | None:
+    def _reset_one(self, j: int, ring: int, seed, options) -> tuple:
         i = self.spec.env_indices[j]
         obs, info = self.envs[j].reset(seed=self._take_seed(j, seed), options=options)
         self.autoreset[j] = False
-        self._write_obs(i, ring, obs)
-        return info or None
+        return info or None, self._write_obs(i, ring, obs)
 
-    def _write_obs(self, i: int, ring: int, obs) -> None:
+    def _write_obs(self, i: int, ring: int, obs) -> list | None:
+        """Write env i's observation into ring slot ``ring``; returns the values of its
+        pickled leaves (None without any), which travel in the reply."""
+        pickled = None
         try:
             for leaf, region, value in zip(self.obs_leaves, self.views.obs,
                                            flatten(self.obs_space, obs)):
-                write_leaf(region[ring, i, ...], leaf, value)  # `...`: a view even for 0-d
+                if region is None:
+                    pickled = [] if pickled is None else pickled
+                    pickled.append(value)
+                else:
+                    write_leaf(region[ring, i, ...], leaf, value)  # `...`: a view even for 0-d
         except SpaceMismatchError as exc:
             raise SpaceMismatchError(f"env {i} returned an observation that does not fit "
                                      f"{self.obs_space}: {exc}") from None
+        return pickled
 
-    def _put_infos(self, infos: list) -> int:
-        if not any(infos):
+    def _put_reply(self, infos: list, pobs: list) -> int:
+        """The reply's side-buffer part: ``(infos, pickled observation leaves)`` per env,
+        or nothing at all (0 bytes) when every env's info is empty and no leaf is pickled."""
+        if not any(infos) and not any(p is not None for p in pobs):
             return 0
         try:
-            return put_pickle(self.payload, infos, self.spec.max_payload_bytes)
+            return put_pickle(self.payload, (infos, pobs), self.spec.max_payload_bytes)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             bad = [self.spec.env_indices[j] for j, info in enumerate(infos) if info
                    and not _picklable(info)]

@@ -6,6 +6,7 @@ produce the same trajectory given the same actions (the basis of the equivalence
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -285,18 +286,22 @@ class StepRaisesEnv(AttrEnv):
 
 
 class SpaceEnv(gym.Env):
-    """An env with arbitrary (possibly unsupported) observation and action spaces."""
+    """An env with arbitrary observation and action spaces (samples seeded by reset, and
+    the action echoed in the info, so runs compare step for step)."""
 
     def __init__(self, obs_space, act_space=None):
-        self.observation_space = obs_space
-        self.action_space = act_space if act_space is not None else spaces.Discrete(2)
+        # Copies: in-process (SyncVectorEnv) envs must not share one space's RNG.
+        self.observation_space = copy.deepcopy(obs_space)
+        self.action_space = copy.deepcopy(act_space) if act_space is not None else spaces.Discrete(2)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        if seed is not None:
+            self.observation_space.seed(seed)
         return self.observation_space.sample(), {}
 
     def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
+        return self.observation_space.sample(), 0.0, False, False, {"action": repr(action)}
 
 
 class LongLongEnv(gym.Env):

@@ -304,7 +304,8 @@ def test_context_manager():
 
 @pytest.mark.parametrize("kwargs", [
     {"ring_depth": 1}, {"envs_per_worker": 0}, {"on_failure": "ignore"},
-    {"heartbeat_interval": 0}, {"step_timeout": -1}, {"observation_mode": "different"},
+    {"heartbeat_interval": 0}, {"step_timeout": -1}, {"observation_mode": "invalid"},
+        {"on_budget_exhausted": "ignore"},
 ])
 def test_bad_constructor_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -456,10 +457,10 @@ def test_valid_actions_of_castable_dtypes_are_accepted():
     with closing(fast_env([pendulum] * 3)) as env:
         env.reset(seed=0)
         sync.reset(seed=0)
-        a = np.array([[1], [0], [-2]], np.int64)  # ints are a valid Box action
-        assert data_equivalence(env.step(a), sync.step(a.astype(np.float32)), exact=True)
+        a = np.array([[1], [0], [-2]], np.int64)  # ints are a valid Box action, and reach
+        assert data_equivalence(env.step(a), sync.step(a), exact=True)  # the env as ints
         a = [[0.5], [0.0], [-0.5]]  # nested lists too
-        assert data_equivalence(env.step(a), sync.step(np.array(a, np.float32)), exact=True)
+        assert data_equivalence(env.step(a), sync.step(np.array(a)), exact=True)
     sync.close()
 
 
@@ -512,15 +513,16 @@ def test_observation_of_an_equal_dtype_with_another_format_letter_is_accepted():
 def test_env_with_a_different_space_is_refused_at_construction():
     fns = [test_envs.AttrEnv,
            functools.partial(test_envs.SpaceEnv, spaces.Box(0, 1, (3,), np.float32))]
-    with pytest.raises(fastvec.SpaceMismatchError, match=r"\benv 1\b"):
+    with pytest.raises(RuntimeError, match=r"\benv 1\b") as info:  # as gymnasium
         fast_env(fns)
+    assert isinstance(info.value, fastvec.EnvSpacesError)
     assert not worker_children()
 
 
-# -- unsupported spaces -----------------------------------------------------------------------
+# -- spaces without a fixed size: pickled leaves -----------------------------------------------
 
 
-UNSUPPORTED = {
+PICKLED = {
     "Text": (spaces.Text(5), None),
     "Sequence": (spaces.Sequence(spaces.Box(0, 1, (2,))), None),
     "Graph": (spaces.Graph(spaces.Box(0, 1, (2,)), spaces.Discrete(3)), None),
@@ -528,18 +530,37 @@ UNSUPPORTED = {
     "Sequence-in-Tuple": (spaces.Tuple((spaces.Discrete(2),
                                         spaces.Sequence(spaces.Discrete(2)))), None),
     "Text-action": (spaces.Box(0, 1, (2,)), spaces.Text(4)),
+    "OneOf": (spaces.OneOf([spaces.Discrete(3), spaces.Box(0, 1, (2,))]),
+              spaces.Dict({"a": spaces.Discrete(3), "b": spaces.Text(2)})),
 }
 
 
-@pytest.mark.parametrize("case", list(UNSUPPORTED))
-def test_unsupported_spaces_are_refused_at_construction(case):
-    obs_space, act_space = UNSUPPORTED[case]
+@pytest.mark.parametrize("envs_per_worker", [1, 2])
+@pytest.mark.parametrize("case", list(PICKLED))
+def test_spaces_without_fixed_size_match_sync_step_for_step(case, envs_per_worker):
+    """Leaves without a fixed size travel pickled through the side buffer and are batched
+    as gymnasium batches them; fixed leaves beside them stay in shared memory."""
+    obs_space, act_space = PICKLED[case]
     fn = functools.partial(test_envs.SpaceEnv, obs_space, act_space)
-    with pytest.raises(fastvec.UnsupportedSpaceError) as info:
-        fast_env([fn] * 2)
-    assert case.split("-")[0] in str(info.value)
-    assert isinstance(info.value, fastvec.FastVecError)
-    assert not worker_children()
+    env = fast_env([fn] * 3, envs_per_worker=envs_per_worker)
+    ref = SyncVectorEnv([fn] * 3)
+    try:
+        assert env.observation_space == ref.observation_space
+        assert env.action_space == ref.action_space
+        obs, info = env.reset(seed=11)
+        ref_obs, ref_info = ref.reset(seed=11)
+        assert data_equivalence(obs, ref_obs) and data_equivalence(info, ref_info)
+        ref.action_space.seed(5)
+        for _ in range(4):
+            actions = ref.action_space.sample()
+            got = env.step(actions)
+            want = ref.step(actions)
+            for g, w in zip(got, want):
+                assert data_equivalence(g, w), case
+            assert got[0] in env.observation_space
+    finally:
+        env.close()
+        ref.close()
 
 
 # -- failures at start-up ---------------------------------------------------------------------
@@ -720,3 +741,53 @@ def test_health_reports_one_dict_per_worker():
             assert isinstance(h["heartbeat"], int)
             assert isinstance(h["rss_bytes"], int)
             assert set(h["step_latency_ms"]) >= {"p50", "p90", "p99", "max", "samples"}
+
+
+# -- observation_mode, as gymnasium defines it -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["different", "pair"])
+def test_observation_mode_different_and_a_space_pair(mode):
+    from gymnasium.vector.utils import batch_differing_spaces
+    sps = [spaces.Box(0, i, (3,), np.float32) for i in (1, 2, 3)]
+    fns = [functools.partial(test_envs.SpaceEnv, sp) for sp in sps]
+    observation_mode = "different" if mode == "different" else (
+        batch_differing_spaces(sps), sps[0])
+    ref = SyncVectorEnv(fns, observation_mode=observation_mode)
+    with closing(fast_env(fns, observation_mode=observation_mode)) as env:
+        assert env.observation_space == ref.observation_space == batch_differing_spaces(sps)
+        assert env.single_observation_space == sps[0]
+        assert data_equivalence(env.reset(seed=4), ref.reset(seed=4))
+        a = np.array([0, 1, 0])
+        assert data_equivalence(env.step(a), ref.step(a))
+    ref.close()
+
+
+def test_observation_mode_same_refuses_differing_spaces_with_a_runtime_error():
+    fns = [functools.partial(test_envs.SpaceEnv, spaces.Box(0, i, (2,))) for i in (1, 2)]
+    with pytest.raises(RuntimeError, match="observation_mode='different'"):
+        fast_env(fns)
+    with pytest.raises(ValueError, match="Invalid `observation_mode`"):
+        fast_env(fns, observation_mode="invalid")
+
+
+def test_a_scalar_action_for_a_batch_is_a_type_error():
+    with closing(fast_env([cartpole] * 4)) as env:
+        env.reset(seed=0)
+        with pytest.raises(TypeError):
+            env.step(0)
+        env.step(np.zeros(4, np.int64))  # nothing was sent: the env goes on
+
+
+def test_the_callers_action_dtype_reaches_the_env_as_in_sync():
+    """gymnasium hands each env an element of the caller's array: float64 stays float64
+    even where the space says float32 (an env calling time.sleep(action) depends on it)."""
+    fn = functools.partial(test_envs.SpaceEnv, spaces.Discrete(2), spaces.Box(0, 1, (), np.float32))
+    ref = SyncVectorEnv([fn] * 2)
+    with closing(fast_env([fn] * 2)) as env:
+        env.reset(seed=0)
+        ref.reset(seed=0)
+        for a in (np.array([0.25, 0.5]), np.array([0.25, 0.5], np.float32)):
+            got, want = env.step(a)[4], ref.step(a)[4]
+            assert data_equivalence(got, want), (got, want)
+    ref.close()

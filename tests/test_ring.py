@@ -359,9 +359,17 @@ def test_leaves_of_a_nested_space():
     spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Text(2)}),
     spaces.Tuple((spaces.Discrete(2), spaces.Tuple((spaces.Text(2),)))),
 ], ids=["Text", "Sequence", "Graph", "Dict-Text", "Tuple-Tuple-Text"])
-def test_leaves_refuse_spaces_without_fixed_size(space):
-    with pytest.raises(UnsupportedSpaceError, match="Text|Sequence|Graph"):
-        layout.leaves(space)
+def test_spaces_without_fixed_size_are_pickled_leaves(space):
+    lvs = layout.leaves(space)
+    assert any(lf.pickled and lf.shape is None for lf in lvs)
+    assert all(lf.shape is not None for lf in lvs if not lf.pickled)
+    plan = layout.Plan(space, spaces.Discrete(2), 2, 2, 2)
+    assert [r is None for r in plan.obs] == [lf.pickled for lf in lvs]
+
+
+def test_a_non_space_is_refused():
+    with pytest.raises(UnsupportedSpaceError):
+        layout.leaves("not a space")
 
 
 def leaf_spaces():
