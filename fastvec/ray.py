@@ -67,17 +67,15 @@ def _host_key() -> tuple[str, str]:
 
 
 def _pid_gone(pid: int) -> bool:
+    """True once ``pid`` no longer exists: a zombie still counts, as it does for
+    FastVectorEnv's sweep of stale names (an orphan waits for init to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    try:  # a zombie has exited; only its entry is left
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return False
 
 
 class _NodeHost:
@@ -213,8 +211,8 @@ class RayVectorEnv(VectorEnv):
             dict of resources the actor needs (e.g. custom ``{"rack_a": 0.01}``).
             ``None``: actors go round-robin over the alive nodes.
         actor_options: extra ``ActorClass.options()``, e.g. ``{"num_cpus": 4}`` to reserve
-            the CPUs its workers use (default 0: Ray does not count them, and a
-            replacement always fits).
+            the CPUs its workers use (default 0.01: Ray does not count the workers, and a
+            replacement always fits; keep it above 0, see ``__init__``).
         actor_timeout: seconds any call to an actor may take before the actor counts as
             lost (a partition, a frozen node); it must exceed ``start_timeout`` and
             ``step_timeout``, and your slowest step plus a worker restart.
@@ -294,7 +292,9 @@ class RayVectorEnv(VectorEnv):
         self.actor_restart_window = float(actor_restart_window)
         self.env_fns = env_fns
         self._node_kwargs = fastvec_kwargs
-        self._actor_options = {"num_cpus": 0, **dict(actor_options or {}),
+        # A sliver of a CPU, not 0: Ray forwards an actor that needs no resource to a random
+        # node for scheduling, and that can be a node that just died but is still listed.
+        self._actor_options = {"num_cpus": 0.01, **dict(actor_options or {}),
                                "max_restarts": 0, "max_task_retries": 0}
 
         dummy = env_fns[0]()
@@ -334,9 +334,14 @@ class RayVectorEnv(VectorEnv):
             outs = self._collect({s.index: self._call(s.start_ref, "start")
                                   for s in self._slots}, None)
             for s in self._slots:
-                if outs[s.index].lost or outs[s.index].error:
-                    raise self._start_error(s, outs[s.index])
-                self._identify(s, outs[s.index].value)
+                out = outs[s.index]
+                while out.lost:  # e.g. placed on a node that died: start it elsewhere
+                    self._relaunch(s, *out.lost)
+                    out = self._collect({s.index: self._call(s.start_ref, "start")},
+                                        None)[s.index]
+                if out.error is not None:
+                    raise self._remote_error(s, out.error)
+                self._identify(s, out.value)
         except BaseException:
             self.close(terminate=True)
             raise
@@ -390,7 +395,9 @@ class RayVectorEnv(VectorEnv):
         return opts
 
     def _launch(self, s: _Slot, predecessor: tuple | None, avoid: set[str] = frozenset()) -> None:
-        s.handle = _Host.options(**self._options(s, set(avoid))).remote()
+        opts = self._options(s, set(avoid))
+        log.debug("actor %d: starting with %s", s.index, opts)
+        s.handle = _Host.options(**opts).remote()
         self._resources.handles.append(s.handle)
         kwargs = dict(self._node_kwargs)
         s.start_ref = s.handle.start.remote(self.env_fns[s.lo:s.hi], kwargs, predecessor)
@@ -850,9 +857,16 @@ class RayVectorEnv(VectorEnv):
 
     def _replace(self, s: _Slot, reason: str, detail: str, seeds, options,
                  pending: bool = False):
-        """Count the failure against the budget, kill the old actor, start its replacement
-        (away from the node if the node was lost) and submit its first reset. Returns that
+        """Replace the slot's actor and submit the replacement's first reset. Returns that
         reset's ref (also kept as the slot's next step result when ``pending``)."""
+        self._relaunch(s, reason, detail)
+        ref = s.handle.reset.remote(seeds, options)
+        s.pending_reset = ref if pending else None
+        return ref
+
+    def _relaunch(self, s: _Slot, reason: str, detail: str) -> None:
+        """Count the failure against the budget, kill the old actor and start its
+        replacement (away from the node if the node was lost)."""
         now = time.monotonic()
         s.failures.append(now)
         while s.failures and s.failures[0] < now - self.actor_restart_window:
@@ -882,9 +896,6 @@ class RayVectorEnv(VectorEnv):
         s.generation += 1
         self._launch(s, predecessor, self._lost_nodes)
         s.node_id = s.pid = s.host = None
-        ref = s.handle.reset.remote(seeds, options)
-        s.pending_reset = ref if pending else None
-        return ref
 
     def _await_replacement(self, s: _Slot, ref) -> _Outcome:
         """Wait (with the actor deadline) for a replacement to start and reset."""
@@ -894,12 +905,6 @@ class RayVectorEnv(VectorEnv):
         if start.value is not None:
             self._identify(s, start.value)
         return outs[-1] if start.value is not None else start
-
-    def _start_error(self, s: _Slot, out: _Outcome) -> BaseException:
-        if out.error is not None:
-            return self._remote_error(s, out.error)
-        reason, detail = out.lost
-        return self._actor_error(s, reason, detail, "while starting its envs")
 
     def _actor_error(self, s: _Slot, reason: str, detail: str, when: str) -> WorkerFailure:
         return WorkerFailure(f"actor {s.index} (envs {list(s.envs)}) failed {when}: "
