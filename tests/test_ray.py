@@ -315,6 +315,70 @@ def test_actor_sigkill(cluster):
         env.close()
 
 
+@pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.DISABLED],
+                         ids=lambda m: m.name)
+def test_actor_sigkill_other_modes(cluster, mode):
+    env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, autoreset_mode=mode,
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    try:
+        obs, _ = env.reset(seed=1)
+        for _ in range(2):
+            prev = obs
+            obs, *_ = env.step(np.ones(2, np.int64))
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        prev = obs
+        obs, rew, term, trunc, info = env.step(np.ones(2, np.int64))
+        assert _flag_mask(info, 2).tolist() == [True, False]
+        assert trunc.tolist() == [True, False] and rew[0] == 0.0
+        if mode == AutoresetMode.SAME_STEP:
+            assert obs[0][1] == 0  # already the replacement's first observation
+            np.testing.assert_array_equal(info["final_obs"][0], prev[0])
+            obs, *_ = env.step(np.ones(2, np.int64))
+            assert obs[:, 1].tolist() == [1, 4]
+        else:
+            np.testing.assert_array_equal(obs[0], prev[0])
+            with pytest.raises(fastvec.FastVecError, match="reset_mask"):
+                env.step(np.ones(2, np.int64))
+            obs, _ = env.reset(options={"reset_mask": np.array([True, False])})
+            assert obs[:, 1].tolist() == [0, 3]
+            obs, *_ = env.step(np.ones(2, np.int64))
+            assert obs[:, 1].tolist() == [1, 4]
+    finally:
+        env.close()
+
+
+def test_actor_lost_before_reset_and_in_recv(cluster):
+    """A reset that meets a dead actor is replayed, same seeds, by the replacement; a dead
+    actor in first-ready batches comes back flagged like in step()."""
+    fns = [CounterEnv] * 2
+    env = RayVectorEnv(fns, envs_per_actor=1, batch_size=1,
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    ref = SyncVectorEnv(fns)
+    try:
+        env.reset(seed=4)
+        os.kill(env.health()[1]["pid"], signal.SIGKILL)
+        obs, info = env.reset(seed=9)
+        _assert_same(ref.reset(seed=9)[0], obs, "replayed reset")
+        assert _flag_mask(info, 2).tolist() == [False, True]
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        env.send(np.ones(2, np.int64))
+        seen = {}
+        while len(env.stepping):
+            obs, rew, term, trunc, info, ids = env.recv()
+            for j, i in enumerate(ids):
+                seen[int(i)] = (obs[j].copy(), bool(trunc[j]),
+                                bool(_flag_mask(info, len(ids))[j]))
+        assert seen[0][1] and seen[0][2] and seen[0][0][1] == 0  # flagged, last obs (t=0)
+        assert not seen[1][1] and seen[1][0][1] == 1
+        env.send(np.ones(1, np.int64), [0])
+        obs, rew, term, trunc, info, ids = env.recv()
+        assert ids.tolist() == [0] and obs[0][1] == 0 and not trunc[0]  # fresh episode
+        assert "worker_restarted" not in info
+    finally:
+        env.close()
+        ref.close()
+
+
 def test_frozen_actor_counts_as_unresponsive(cluster):
     """SIGSTOP stands in for a partition: no answer within actor_timeout."""
     env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, start_timeout=3.0,
