@@ -127,19 +127,19 @@ def _dead(pid: int) -> bool:
 
 # -- the contract -----------------------------------------------------------------------------
 
-EQUIV = [
-    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.NEXT_STEP),
-    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.SAME_STEP),
-    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.DISABLED),
-    ("nested", functools.partial(test_envs.NestedEnv, max_len=12), AutoresetMode.SAME_STEP),
+EQUIV = [  # (name, env_fn, mode, envs_per_worker inside each node)
+    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.NEXT_STEP, 1),
+    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.SAME_STEP, 1),
+    ("raster", functools.partial(test_envs.RasterInfoEnv, max_len=20), AutoresetMode.DISABLED, 1),
+    ("nested", functools.partial(test_envs.NestedEnv, max_len=12), AutoresetMode.SAME_STEP, 2),
 ]
 
 
-@pytest.mark.parametrize("name,env_fn,mode", EQUIV, ids=[f"{e[0]}-{e[2].name}" for e in EQUIV])
-def test_equivalence_with_sync(cluster, name, env_fn, mode):
+@pytest.mark.parametrize("name,env_fn,mode,k", EQUIV, ids=[f"{e[0]}-{e[2].name}" for e in EQUIV])
+def test_equivalence_with_sync(cluster, name, env_fn, mode, k):
     """5 envs in 3 actors (2+2+1) on 3 nodes return what SyncVectorEnv returns."""
     n = 5
-    env = RayVectorEnv([env_fn] * n, envs_per_actor=2, autoreset_mode=mode,
+    env = RayVectorEnv([env_fn] * n, envs_per_actor=2, autoreset_mode=mode, envs_per_worker=k,
                        placement=[{"node0": 0.01}, {"node1": 0.01}, {"node2": 0.01}], **FAST)
     sync = SyncVectorEnv([env_fn] * n, autoreset_mode=mode)
     try:
