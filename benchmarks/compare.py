@@ -43,6 +43,30 @@ from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Ti
 
 CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
+try:  # the Ray backend joins when the [ray] extra is installed
+    import ray
+    from fastvec.ray import RayVectorEnv
+except ImportError:
+    ray = None
+
+
+class RayContender(harness.Contender):
+    """fastvec.ray.RayVectorEnv on a local one-node Ray: one actor holding a FastVectorEnv
+    with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step."""
+
+    def build(self, env_fns):
+        if not ray.is_initialized():
+            # Actors import the workloads module by name, as the fastvec workers do.
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [str(harness.BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            ray.init(num_cpus=harness.cpu_count(), log_to_driver=False,
+                     include_dashboard=False, logging_level="error")
+        return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
+
+
+if ray is not None:
+    CONTENDERS.append(RayContender("ray_1actor", "fastvec.ray, 1 local actor", "ray"))
+
 
 def plan(args) -> tuple[list[workloads.Workload], list[dict]]:
     """The workloads of this run, and those skipped (with why)."""
@@ -99,6 +123,8 @@ def run(args) -> dict:
                                             os.path.join(args.out, "survival-logs"))
     finally:
         progress.close()
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # its raylet and workers are children of this process
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(
         [c["foreign_cpu_share"] for c in data["cells"]], default=0.0)
