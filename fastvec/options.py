@@ -44,6 +44,9 @@ class Options:
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
+        if self.context not in (None, "fork", "spawn", "forkserver", "serial"):
+            raise ValueError(f"context must be 'fork', 'spawn', 'forkserver', 'serial' or None, "
+                             f"got {self.context!r}")
         if not 1 <= self.envs_per_worker <= 63:
             raise ValueError(f"envs_per_worker must be in 1..63, got {self.envs_per_worker}")
         for name, allowed in (("on_failure", ON_FAILURE),

@@ -33,7 +33,7 @@ from fastvec import _ring
 from fastvec.errors import FastVecError, RingError, WaitTimeout
 from fastvec.options import Options
 from fastvec.shm import Names, Segment, create_semaphore, get_pickle
-from fastvec.worker import WorkerSpec, worker_main
+from fastvec.worker import InProcess, WorkerSpec, worker_main
 
 log = logging.getLogger("fastvec")
 
@@ -120,6 +120,7 @@ class Supervisor:
                  observation_mode: str = "same"):
         self.options = options
         self.ctx = ctx
+        self.serial = options.context == "serial"  # workers run in this process
         self.prefix = prefix
         self.names = names
         self.main = main
@@ -159,6 +160,8 @@ class Supervisor:
         slot.expected = seq
         slot.ctl.request(seq, op, ring, payload_len, slot.env_mask() if mask is None else mask)
         slot.req_sem.release()
+        if self.serial and slot.process is not None:
+            slot.process.serve_one()
 
     def send(self, items: list) -> None:
         """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
@@ -175,6 +178,10 @@ class Supervisor:
                              self.epoch)
         for item in items:
             item[0].req_sem.release()
+        if self.serial:
+            for item in items:
+                if item[0].process is not None:
+                    item[0].process.serve_one()
 
     # -- processes -------------------------------------------------------------------
     def start_process(self, slot: Slot, pending_seeds: tuple | None = None) -> None:
@@ -210,9 +217,13 @@ class Supervisor:
                     spin_ns=opts.spin_ns, pending_seeds=pending_seeds,
                     observation_mode=self.observation_mode,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
-                proc = self.ctx.Process(target=worker_main, args=(spec,), daemon=opts.daemon,
-                                        name=f"fastvec-worker-{slot.index}")
-                proc.start()
+                if self.serial:
+                    proc = InProcess(spec)
+                else:
+                    proc = self.ctx.Process(target=worker_main, args=(spec,),
+                                            daemon=opts.daemon,
+                                            name=f"fastvec-worker-{slot.index}")
+                    proc.start()
             except BaseException as exc:
                 slot.failure = Failure("start", f"could not start a worker process: "
                                        f"{type(exc).__name__}: {exc}", cause=exc)
@@ -267,6 +278,9 @@ class Supervisor:
     def retire_slot(self, slot: Slot) -> None:
         """Planned recycling: ask the worker to close its envs and exit (SIGUSR1), without
         waiting; the watchdog reaps it, with SIGKILL after ``recycle_grace``."""
+        if self.serial:
+            self.kill_slot(slot)  # closes its envs, in this process
+            return
         with self.lock:
             proc, slot.process = slot.process, None
             if proc is None:
@@ -279,6 +293,9 @@ class Supervisor:
         self._poke()
 
     def _kill(self, proc) -> None:
+        if isinstance(proc, InProcess):
+            proc.close()
+            return
         if proc.exitcode is None:
             try:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -380,6 +397,8 @@ class Supervisor:
 
     # -- the watchdog ------------------------------------------------------------------
     def start_watchdog(self) -> None:
+        if self.serial:
+            return  # nothing runs outside this thread: nothing to watch
         self._thread = threading.Thread(target=self._watch, name="fastvec-watchdog", daemon=True)
         self._thread.start()
 
@@ -517,7 +536,8 @@ class Supervisor:
         self._poke()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
-        live = [s for s in self.slots if s.process is not None and s.process.exitcode is None]
+        live = [s for s in self.slots if s.process is not None and s.process.exitcode is None
+                and not self.serial]
         if not terminate:
             asked = []
             for slot in live:

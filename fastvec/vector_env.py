@@ -90,7 +90,10 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
 
     Args:
         env_fns: functions that create the envs (as for ``AsyncVectorEnv``).
-        context: multiprocessing start method: ``"fork"``, ``"spawn"``, ``"forkserver"`` or None.
+        context: multiprocessing start method: ``"fork"``, ``"spawn"``, ``"forkserver"`` or None
+            (the platform's default); or ``"serial"``: the envs run in this process, one
+            after the other, with the same API, infos and error semantics (for debugging:
+            a breakpoint in env code works; nothing watches for hangs or crashes).
         copy: return copies of the observations (True) or views of the ring slot, valid
             until ``ring_depth`` further resets/steps (False).
         autoreset_mode: ``AutoresetMode`` (or its string value).
@@ -232,7 +235,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             res.main = Segment(prefix + "main", self._plan.size, create=True)
             self._views = self._plan.views(res.main.mm)
             res.supervisor = self._sup = Supervisor(
-                options=opts, ctx=multiprocessing.get_context(opts.context), prefix=prefix,
+                options=opts, prefix=prefix,
+                ctx=None if opts.context == "serial" else multiprocessing.get_context(opts.context),
                 names=res.names, main=res.main, plan=self._plan, slots_envs=slots_envs,
                 env_fns=[CloudpickleWrapper(fn) for fn in env_fns],
                 single_spaces=(self.single_observation_space, self.single_action_space),

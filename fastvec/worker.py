@@ -288,23 +288,31 @@ class Worker:
             except posix_ipc.SignalError:
                 pass  # a signal the env installed a handler for (e.g. SIGALRM): wait on
 
+    def handle(self, seq: int, in_process: bool = False) -> int:
+        """Answer request ``seq``; returns its opcode. In process (context="serial") an
+        interrupt (KeyboardInterrupt, SystemExit) is answered as an error and re-raised,
+        so Ctrl-C reaches the caller and the request is never left unanswered."""
+        ctl = self.ctl
+        op = ctl.opcode
+        counted = ctl.flags & _ring.REQ_COUNTED
+        epoch = ctl.batch_epoch
+        ctl.begin()
+        try:
+            n = self.handlers[op](ctl.ring_index, ctl.env_mask)
+        except BaseException as exc:  # reported to the parent, which applies its policy
+            self.reply_error(seq, exc, counted, epoch)
+            if in_process and not isinstance(exc, Exception):
+                raise
+            return op
+        ctl.complete(seq, _ring.ST_OK, n)
+        self.post_done(counted, epoch)
+        return op
+
     def serve(self) -> None:
-        ctl, handlers = self.ctl, self.handlers
         seq = self.spec.start_seq - 1  # the request sequence as ctl.init left it
         while True:
             seq = self.next_request(seq)
-            op = ctl.opcode
-            counted = ctl.flags & _ring.REQ_COUNTED
-            epoch = ctl.batch_epoch
-            ctl.begin()
-            try:
-                n = handlers[op](ctl.ring_index, ctl.env_mask)
-            except BaseException as exc:  # reported to the parent, which applies its policy
-                self.reply_error(seq, exc, counted, epoch)
-                continue
-            ctl.complete(seq, _ring.ST_OK, n)
-            self.post_done(counted, epoch)
-            if op == _ring.OP_CLOSE:
+            if self.handle(seq) == _ring.OP_CLOSE:
                 return
 
 
@@ -322,6 +330,58 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class InProcess:
+    """A worker run inside the parent (``context="serial"``), for debugging env code: the
+    same handlers over the same ring, called synchronously when a request is written, so
+    a breakpoint in the env works. It stands where a process would (``pid``, ``exitcode``);
+    nothing watches it, so a hang or a crash in env code is the caller's."""
+
+    sentinel = None
+    exitcode = None
+
+    def __init__(self, spec: WorkerSpec):
+        self.pid = os.getpid()
+        self.worker = Worker(spec)
+        ctl = self.worker.ctl
+        ctl.worker_pid = self.pid
+        ctl.payload_cap = self.worker.payload.size
+        try:
+            self.worker.start()
+        except Exception as exc:  # noqa: BLE001 - reported like a process's failed start
+            self.worker.reply_error(spec.start_seq, exc)
+            return
+        ctl.complete(spec.start_seq, _ring.ST_OK, 0)
+        self.worker.done_sem.release()
+
+    def serve_one(self) -> None:
+        """Answer the request just written to the control block."""
+        try:
+            self.worker.req_sem.acquire(0)  # the post meant for a process: keep counts bounded
+        except posix_ipc.BusyError:
+            pass
+        self.worker.handle(self.worker.ctl.req_seq, in_process=True)
+
+    def close(self) -> None:
+        """Close the envs and let go of the ring (what exiting does for a process)."""
+        w, self.worker = self.worker, None
+        if w is None:
+            return
+        self.exitcode = 0
+        for env in w.envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        w.envs = []
+        w.views = None
+        w.ctl.release()
+        w.batch.release()
+        w.req_sem.close()
+        w.done_sem.close()
+        w.main.close()
+        w.payload.close()
 
 
 def worker_main(spec: WorkerSpec) -> None:
