@@ -43,7 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             InvalidActionError, NoAsyncCallError, RestartBudgetExceeded,
                             WaitTimeout, WorkerFailure)
-from fastvec.vector_env import FastVectorEnv
+from fastvec.vector_env import FastVectorEnv, reset_arguments
 
 __all__ = ["RayVectorEnv"]
 
@@ -458,27 +458,8 @@ class RayVectorEnv(VectorEnv):
                     options: dict[str, Any] | None = None) -> None:
         self._assert_idle("reset_async")
         n = self.num_envs
-        if seed is None:
-            seeds = [None] * n
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(n)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != n:
-                raise ValueError(f"If seeds are passed as a list the length must match "
-                                 f"num_envs={n} but got length={len(seeds)}.")
-        options = dict(options) if options else {}
-        mask = options.pop("reset_mask", None)
-        if mask is not None:
-            if not isinstance(mask, np.ndarray):
-                raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-            if mask.shape != (n,):
-                raise ValueError(f"`options['reset_mask']` must have shape `({n},)`, got {mask.shape}")
-            if mask.dtype != np.bool_:
-                raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
-            if not mask.any():
-                raise ValueError("`options['reset_mask']` must contain a boolean array with at "
-                                 f"least one True value, got reset_mask={mask}")
+        seeds, options, mask = reset_arguments(seed, options, n)
+        options = options or {}
         full = np.ones(n, np.bool_) if mask is None else mask
         for i in np.flatnonzero(full):
             if seeds[i] is not None:

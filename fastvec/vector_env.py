@@ -65,6 +65,34 @@ class PendingStep:
     lost: list = field(default_factory=list)  # slots replaced earlier, reported in this step
 
 
+def reset_arguments(seed, options: dict | None, n: int) -> tuple:
+    """``reset(seed=..., options=...)`` as gymnasium's vector envs read it: one seed per env
+    (an int seeds env i with ``seed + i``), the options without ``reset_mask`` (a copy; the
+    caller's dict is left alone), and the validated mask (None: every env)."""
+    if seed is None:
+        seeds = [None] * n
+    elif isinstance(seed, (int, np.integer)):
+        seeds = [int(seed) + i for i in range(n)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"If seeds are passed as a list the length must match "
+                             f"num_envs={n} but got length={len(seeds)}.")
+    options = dict(options) if options else None
+    mask = options.pop("reset_mask", None) if options is not None else None
+    if mask is not None:
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
+        if mask.shape != (n,):
+            raise ValueError(f"`options['reset_mask']` must have shape `({n},)`, got {mask.shape}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
+        if not mask.any():
+            raise ValueError("`options['reset_mask']` must contain a boolean array with at "
+                             f"least one True value, got reset_mask={mask}")
+    return seeds, options, mask
+
+
 class _Resources:
     """What the finalizer must clean if the env is collected without close()."""
 
@@ -296,28 +324,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                     options: dict[str, Any] | None = None) -> None:
         self._assert_idle("reset_async")
         n = self.num_envs
-        if seed is None:
-            seeds = [None] * n
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(n)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != n:
-                raise ValueError(f"If seeds are passed as a list the length must match "
-                                 f"num_envs={n} but got length={len(seeds)}.")
-        options = dict(options) if options else None
-        mask = np.ones(n, np.bool_)
-        if options is not None and "reset_mask" in options:
-            mask = options.pop("reset_mask")
-            if not isinstance(mask, np.ndarray):
-                raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-            if mask.shape != (n,):
-                raise ValueError(f"`options['reset_mask']` must have shape `({n},)`, got {mask.shape}")
-            if mask.dtype != np.bool_:
-                raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
-            if not mask.any():
-                raise ValueError("`options['reset_mask']` must contain a boolean array with at "
-                                 f"least one True value, got reset_mask={mask}")
+        seeds, options, mask = reset_arguments(seed, options, n)
+        if mask is None:
+            mask = np.ones(n, np.bool_)
         for i in np.flatnonzero(mask):
             if seeds[i] is not None:
                 self._base_seeds[i] = int(seeds[i])
