@@ -34,6 +34,25 @@ def worker_children() -> list[psutil.Process]:
     return out
 
 
+def process_gone(pid: int) -> bool:
+    """Whether no thread of ``pid`` runs any more. A zombie *leader* is not enough: after
+    SIGKILL the leader can show as a zombie while a sibling thread (a worker's heartbeat)
+    is still exiting and still holds the process's fds, flock included."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return False
+    return True
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

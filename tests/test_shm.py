@@ -275,9 +275,14 @@ _WAITS = """
         while not pred() and time.monotonic() < deadline:
             time.sleep(0.02)
         return pred()
-    def gone(pid):
+    def alive(tid):
         try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            return psutil.Process(tid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    def gone(pid):  # every thread: a zombie leader's siblings may still hold its fds
+        try:
+            return not any(alive(t.id) for t in psutil.Process(pid).threads())
         except psutil.NoSuchProcess:
             return True
 """

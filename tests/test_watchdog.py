@@ -20,7 +20,7 @@ from gymnasium.utils.env_checker import data_equivalence
 import fastvec
 from fastvec import FastVectorEnv, WorkerFailure
 from fastvec.shm import leftovers
-from conftest import wait_until
+from conftest import process_gone, wait_until
 from faults import FAULTS, AlwaysFailEnv, CounterEnv, FaultOnceEnv
 
 HEARTBEAT_TIMEOUT = 1.0
@@ -267,9 +267,7 @@ def test_parent_sigkill_leaves_no_worker_and_next_instance_sweeps(context):
         assert owned
         proc.kill()
         proc.wait(10)
-        assert wait_until(lambda: not any(psutil.pid_exists(p) and
-                                          psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                          for p in pids), 5.0)
+        assert wait_until(lambda: all(process_gone(p) for p in pids), 5.0)
         env = FastVectorEnv([CounterEnv])  # the next instance sweeps the dead owner's names
         env.close()
         assert not [n for n in leftovers() if n.startswith((f"fv{proc.pid}_", f"sem.fv{proc.pid}_"))]
