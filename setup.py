@@ -39,6 +39,7 @@ def ext(name, pyx, *c_sources):
 EXTENSIONS = [
     ext("fastvec._ring", "fastvec/_ring.pyx", "csrc/ring.c"),
     ext("fastvec._raster", "fastvec/_raster.pyx", "csrc/raster.c"),
+    ext("fastvec._stepper", "fastvec/_stepper.pyx"),
     ext("fastvec.envs._fireobs", "fastvec/envs/_fireobs.pyx", "csrc/fireobs.c"),
 ]
 

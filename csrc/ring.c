@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
@@ -89,7 +90,15 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spin_ns) {
+/* Between rounds of 64 polls: give the core away if another runnable process wants it
+   (yield_cpu: spinners may outnumber cores), then check the deadline. */
+static inline int spin_round_over(uint64_t deadline, int yield_cpu) {
+    if (yield_cpu) sched_yield();
+    return fv_now_ns() >= deadline;
+}
+
+static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spin_ns,
+                                   int yield_cpu) {
     uint64_t v = LOAD(p);
     if (v != seq || spin_ns == 0) return v;
     uint64_t deadline = fv_now_ns() + spin_ns;
@@ -99,19 +108,20 @@ static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spi
             v = LOAD(p);
             if (v != seq) return v;
         }
-        if (fv_now_ns() >= deadline) return v;
+        if (spin_round_over(deadline, yield_cpu)) return v;
     }
 }
 
-uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) {
-    return spin_until_changed(&c->req_seq, seq, spin_ns);
+uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) {
+    return spin_until_changed(&c->req_seq, seq, spin_ns, yield_cpu);
 }
 
-uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) {
-    return spin_until_changed(&c->resp_seq, seq, spin_ns);
+uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) {
+    return spin_until_changed(&c->resp_seq, seq, spin_ns, yield_cpu);
 }
 
-uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) {
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns,
+                            int yield_cpu) {
     uint64_t v = LOAD(&c->resp_seq);
     if (v == target || spin_ns == 0) return v;
     uint64_t deadline = fv_now_ns() + spin_ns;
@@ -121,7 +131,7 @@ uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) 
             v = LOAD(&c->resp_seq);
             if (v == target) return v;
         }
-        if (fv_now_ns() >= deadline) return v;
+        if (spin_round_over(deadline, yield_cpu)) return v;
     }
 }
 
@@ -161,6 +171,68 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) 
     RELAXED(&c->progress, c->progress + 1);
     RELAXED(&c->busy_since_ns, 0);
     STORE(&c->resp_seq, seq);
+}
+
+void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
+                   const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
+                   uint32_t n, uint32_t opcode, uint32_t ring_index) {
+    fv_batch_arm(b, epoch, n);
+    for (uint32_t i = 0; i < n; i++)
+        fv_request(ctls[i], seqs[i], opcode, ring_index, lens[i], masks[i], FV_REQ_COUNTED,
+                   epoch);
+    for (uint32_t i = 0; i < n; i++) sem_post(sems[i]);
+}
+
+static int64_t first_owing(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t from,
+                           uint32_t n) {
+    for (uint32_t i = from; i < n; i++)
+        if (LOAD(&ctls[i]->resp_seq) != seqs[i]) return (int64_t)i;
+    return -1;
+}
+
+int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
+                    int yield_cpu) {
+    int64_t i = first_owing(ctls, seqs, 0, n);
+    if (i < 0 || spin_ns == 0) return i;
+    uint64_t deadline = fv_now_ns() + spin_ns;
+    for (;;) {
+        for (int k = 0; k < 64; k++) {
+            cpu_relax();
+            i = first_owing(ctls, seqs, (uint32_t)i, n);
+            if (i < 0) return i;
+        }
+        if (spin_round_over(deadline, yield_cpu)) return i;
+    }
+}
+
+int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++)
+        if (ctls[i]->status != FV_ST_OK) return (int64_t)i;
+    return -1;
+}
+
+uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
+                         int yield_cpu) {
+    uint64_t v = LOAD(&c->req_seq);
+    if (v != last) return v; /* its post stays: a later wait returns once, early */
+    if (spin_ns) {
+        v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
+        if (v != last) {
+            sem_trywait(s); /* take the post the spin overtook: counts stay bounded */
+            return v;
+        }
+    }
+    for (;;) {
+        if (sem_wait(s) != 0) return last; /* EINTR: the caller runs the signal handlers */
+        v = LOAD(&c->req_seq);
+        if (v != last) return v;
+    }
+}
+
+void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
+              uint64_t payload_len, uint32_t flags, uint32_t epoch) {
+    fv_complete(c, seq, status, payload_len);
+    if (!(flags & FV_REQ_COUNTED) || fv_batch_leave(b, epoch)) sem_post(done);
 }
 
 /* ---- heartbeat: a plain pthread, so it beats while the main thread holds the GIL ---- */

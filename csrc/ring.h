@@ -173,15 +173,17 @@ int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
 void fv_heartbeat_stop(void);
 int fv_set_parent_death_signal(int sig);
 
-/* Spin (no syscall) until req_seq / resp_seq differs from `seq` or `spin_ns` passed.
-   Returns the new value, or `seq` if the spin ran out. Waking a sleeping process costs
-   tens of microseconds on some VMs, so a short spin before blocking on the semaphore
-   pays off, but only while spinners do not outnumber cores (the caller decides). */
-uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
-uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns);
+/* Spin until req_seq / resp_seq differs from `seq` or `spin_ns` passed. Returns the new
+   value, or `seq` if the spin ran out. Waking a sleeping process costs tens of
+   microseconds on some VMs, so a short spin before blocking on the semaphore pays off.
+   With yield_cpu, every 64 polls the spinner calls sched_yield(): when spinners outnumber
+   cores, a process with real work on this core runs instead of waiting out a timeslice
+   (a pure spinner there costs ~8 ms per hand-over). The caller decides (Options.spin). */
+uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
+uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
 /* Spin until resp_seq == target or spin_ns pass; returns resp_seq. (The parent waits for
    a known seq: sequence numbers are global, so "differs from the previous" says nothing.) */
-uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns);
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns, int yield_cpu);
 
 /* Semaphore waits for the parent. They return FV_WAIT_INTR on a signal instead of retrying,
    so the caller (with the GIL) can run Python's signal handlers and let their exceptions
@@ -190,6 +192,30 @@ uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns);
 enum { FV_WAIT_OK = 0, FV_WAIT_TIMEOUT = 1, FV_WAIT_INTR = 2, FV_WAIT_ERROR = 3 };
 int fv_sem_wait(sem_t *s, int64_t timeout_ns);
 int fv_sem_trywait(sem_t *s);
+
+/* Batched forms of the above, so that one call of the parent covers every worker.
+   fv_send_batch: arm batch `epoch` for n requests, write each (seq seqs[i], mask masks[i],
+   side-buffer bytes lens[i]) flagged FV_REQ_COUNTED, then post every request semaphore.
+   fv_spin_all: spin up to spin_ns until every ctls[i]->resp_seq == seqs[i]; returns the
+   index of the first one still owing its reply, or -1 when all replied.
+   fv_first_bad_status: index of the first reply whose status is not FV_ST_OK, or -1. */
+void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
+                   const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
+                   uint32_t n, uint32_t opcode, uint32_t ring_index);
+int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
+                    int yield_cpu);
+int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n);
+
+/* Worker: wait for a request newer than `last`: spin up to spin_ns on req_seq, then block
+   on the request semaphore `s` (a wake-up hint: a post a spin overtook is taken here, a
+   stale one only repeats the wait). Returns the new req_seq, or `last` when a signal
+   interrupted the wait (the caller runs Python's handlers and calls again). */
+uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
+                         int yield_cpu);
+/* Worker: publish the reply to request `seq` and wake the parent if it is owed a wake-up
+   (not counted, or this reply completed its batch). */
+void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
+              uint64_t payload_len, uint32_t flags, uint32_t epoch);
 
 /* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
 uint64_t fv_now_ns(void);

@@ -79,15 +79,26 @@ cdef extern from "ring.h" nogil:
     int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) noexcept
     void fv_heartbeat_stop() noexcept
     int fv_set_parent_death_signal(int sig) noexcept
-    uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
-    uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns) noexcept
-    uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) noexcept
+    uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) noexcept
+    uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) noexcept
+    uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns,
+                                int yield_cpu) noexcept
     uint64_t fv_now_ns() noexcept
     enum:
         FV_WAIT_OK
         FV_WAIT_TIMEOUT
         FV_WAIT_INTR
         FV_WAIT_ERROR
+    void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl **ctls, sem_t **sems,
+                       const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
+                       uint32_t n, uint32_t opcode, uint32_t ring_index) noexcept
+    int64_t fv_spin_all(fv_ctl **ctls, const uint64_t *seqs, uint32_t n,
+                        uint64_t spin_ns, int yield_cpu) noexcept
+    int64_t fv_first_bad_status(fv_ctl **ctls, uint32_t n) noexcept
+    uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
+                             int yield_cpu) noexcept
+    void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
+                  uint64_t payload_len, uint32_t flags, uint32_t epoch) noexcept
     int fv_sem_wait(sem_t *s, int64_t timeout_ns) noexcept
     int fv_sem_trywait(sem_t *s) noexcept
 

@@ -5,10 +5,12 @@ This is the one place where ring.h status codes become Python exceptions.
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 
 cdef extern from "<semaphore.h>" nogil:
     sem_t *sem_open(const char *name, int oflag)
     int sem_close(sem_t *s)
+    int sem_post(sem_t *s)
     sem_t *SEM_FAILED
 
 from fastvec.errors import RingError
@@ -92,31 +94,52 @@ cdef class Ctl:
                 uint32_t epoch=0):
         fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask, flags, epoch)
 
-    def spin_resp(self, uint64_t seq, uint64_t spin_ns):
+    def spin_resp(self, uint64_t seq, uint64_t spin_ns, bint yield_cpu=False):
         """Spin without the GIL until resp_seq != seq or spin_ns pass; returns resp_seq."""
         cdef fv_ctl *c = self._p()
         cdef uint64_t v
         with nogil:
-            v = fv_spin_resp(c, seq, spin_ns)
+            v = fv_spin_resp(c, seq, spin_ns, yield_cpu)
         return v
 
-    def spin_resp_until(self, uint64_t target, uint64_t spin_ns):
+    def spin_resp_until(self, uint64_t target, uint64_t spin_ns, bint yield_cpu=False):
         """Spin without the GIL until resp_seq == target or spin_ns pass; returns resp_seq."""
         cdef fv_ctl *c = self._p()
         cdef uint64_t v
         with nogil:
-            v = fv_spin_resp_until(c, target, spin_ns)
+            v = fv_spin_resp_until(c, target, spin_ns, yield_cpu)
         return v
 
-    def spin_req(self, uint64_t seq, uint64_t spin_ns):
+    def spin_req(self, uint64_t seq, uint64_t spin_ns, bint yield_cpu=False):
         """Spin without the GIL until req_seq != seq or spin_ns pass; returns req_seq."""
         cdef fv_ctl *c = self._p()
         cdef uint64_t v
         with nogil:
-            v = fv_spin_req(c, seq, spin_ns)
+            v = fv_spin_req(c, seq, spin_ns, yield_cpu)
         return v
 
     # -- worker side -------------------------------------------------------
+    def wait_request(self, Waiter sem, uint64_t last, uint64_t spin_ns, bint yield_cpu=False):
+        """Wait (spin, then block on ``sem``) for a request newer than ``last``; returns
+        its seq. Signal handlers run while waiting; their exceptions propagate."""
+        cdef fv_ctl *c = self._p()
+        cdef uint64_t v
+        if sem.s == NULL:
+            raise RingError("semaphore used after close()")
+        while True:
+            with nogil:
+                v = fv_wait_request(c, sem.s, last, spin_ns, yield_cpu)
+            if v != last:
+                return v
+            _run_signal_handlers()
+
+    def reply(self, Batch batch, Waiter done, uint64_t seq, int status,
+              uint64_t payload_len, uint32_t flags, uint32_t epoch):
+        """Publish the reply to ``seq`` and post ``done`` if the parent is owed a wake-up."""
+        if batch.b == NULL or done.s == NULL:
+            raise RingError("reply() after release()/close()")
+        fv_reply(self._p(), batch.b, done.s, seq, status, payload_len, flags, epoch)
+
     def begin(self):
         fv_begin(self._p())
 
@@ -308,6 +331,13 @@ cdef class Waiter:
                 continue
             raise OSError(errno, "sem_wait failed")
 
+    def post(self):
+        """Post the semaphore once (sem_post)."""
+        if self.s == NULL:
+            raise RingError("semaphore used after close()")
+        if sem_post(self.s) != 0:
+            raise OSError(errno, "sem_post failed")
+
     def drain(self) -> int:
         """Take every pending post without waiting; returns how many there were."""
         cdef int n = 0
@@ -330,3 +360,75 @@ cdef class Waiter:
     def __dealloc__(self):
         if self.s != NULL:
             sem_close(self.s)
+
+
+# -- batched calls: one C call per batch on the step path ------------------------------------
+
+cdef fv_ctl **_ctl_array(list ctls) except NULL:
+    cdef Py_ssize_t n = len(ctls), i
+    cdef fv_ctl **out = <fv_ctl **>malloc(max(n, 1) * sizeof(fv_ctl *))
+    if out == NULL:
+        raise MemoryError()
+    for i in range(n):
+        out[i] = (<Ctl>ctls[i]).c
+        if out[i] == NULL:
+            free(out)
+            raise RingError("control block used after release()")
+    return out
+
+
+def send_batch(Batch batch, uint32_t epoch, list ctls, list sems, const uint64_t[::1] seqs,
+               const uint64_t[::1] masks, const uint64_t[::1] lens, uint32_t opcode,
+               uint32_t ring_index):
+    """Arm batch ``epoch``, write one counted request per control block, post every
+    request semaphore (fv_send_batch)."""
+    cdef Py_ssize_t n = len(ctls), i
+    if len(sems) != n or seqs.shape[0] != n or masks.shape[0] != n or lens.shape[0] != n:
+        raise ValueError("send_batch: every argument needs one entry per control block")
+    if batch.b == NULL:
+        raise RingError("batch block used after release()")
+    cdef fv_ctl **c = _ctl_array(ctls)
+    cdef sem_t **s = <sem_t **>malloc(max(n, 1) * sizeof(sem_t *))
+    if s == NULL:
+        free(c)
+        raise MemoryError()
+    try:
+        for i in range(n):
+            s[i] = (<Waiter>sems[i]).s
+            if s[i] == NULL:
+                raise RingError("semaphore used after close()")
+        fv_send_batch(batch.b, epoch, c, s, &seqs[0] if n else NULL,
+                      &masks[0] if n else NULL, &lens[0] if n else NULL, <uint32_t>n,
+                      opcode, ring_index)
+    finally:
+        free(c)
+        free(s)
+
+
+def spin_all(list ctls, const uint64_t[::1] seqs, uint64_t spin_ns, bint yield_cpu=False):
+    """Spin without the GIL up to ``spin_ns`` until every control block answered its seq;
+    returns the index of the first one still owing, or -1."""
+    cdef Py_ssize_t n = len(ctls)
+    cdef int64_t i
+    if seqs.shape[0] != n:
+        raise ValueError("spin_all: one seq per control block")
+    if n == 0:
+        return -1
+    cdef fv_ctl **c = _ctl_array(ctls)
+    try:
+        with nogil:
+            i = fv_spin_all(c, &seqs[0], <uint32_t>n, spin_ns, yield_cpu)
+    finally:
+        free(c)
+    return i
+
+
+def first_bad_status(list ctls):
+    """Index of the first control block whose reply status is not ST_OK, or -1."""
+    cdef Py_ssize_t n = len(ctls)
+    if n == 0:
+        return -1
+    cdef fv_ctl **c = _ctl_array(ctls)
+    cdef int64_t i = fv_first_bad_status(c, <uint32_t>n)
+    free(c)
+    return i

@@ -78,6 +78,7 @@ class Slot:
     process = None
     req_sem = None
     req_sem_name = None
+    req_post: _ring.Waiter | None = None  # the same semaphore, posted from C
     failure: Failure | None = None  # set by the watchdog (or a failed start)
     disabled: Failure | None = None  # out of play: the restart budget ran out
     lost: Failure | None = None  # replaced outside a step: the next step reports it
@@ -114,6 +115,18 @@ class Slot:
         return (1 << len(self.env_indices)) - 1
 
 
+class BatchPath:
+    """The arrays the batched C calls take, for every slot in order; rebuilt whenever a
+    slot gets a new process (a new request semaphore)."""
+
+    def __init__(self, slots: list[Slot]):
+        self.ctls = [s.ctl for s in slots]
+        self.sems = [s.req_post for s in slots]
+        self.masks = np.array([s.env_mask() for s in slots], np.uint64)
+        self.lens = np.zeros(len(slots), np.uint64)
+        self.seqs = np.zeros(len(slots), np.uint64)
+
+
 class Supervisor:
     def __init__(self, *, options: Options, ctx, prefix: str, names: Names, main: Segment,
                  plan, slots_envs: list, env_fns: list, single_spaces: tuple,
@@ -145,6 +158,9 @@ class Supervisor:
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
+        self._batch_path: BatchPath | None = None
+        self.spin_ns, self.spin_yield = options.spin(len(slots_envs),
+                                                     len(os.sched_getaffinity(0)))
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -159,9 +175,40 @@ class Supervisor:
         seq = self.next_seq()
         slot.expected = seq
         slot.ctl.request(seq, op, ring, payload_len, slot.env_mask() if mask is None else mask)
-        slot.req_sem.release()
+        slot.req_post.post()
         if self.serial and slot.process is not None:
             slot.process.serve_one()
+
+    def _batched(self) -> "BatchPath":
+        if self._batch_path is None:
+            self._batch_path = BatchPath(self.slots)
+        return self._batch_path
+
+    def send_all(self, op: int, ring: int) -> None:
+        """The step path: the same request to every slot, in one C call (fv_send_batch)."""
+        path = self._batched()
+        n = len(self.slots)
+        self.epoch = (self.epoch + 1) & 0xFFFFFFFF
+        path.seqs = np.arange(self.seq + 1, self.seq + n + 1, dtype=np.uint64)
+        self.seq += n
+        for slot, seq in zip(self.slots, path.seqs.tolist()):
+            slot.expected = seq
+        _ring.send_batch(self.batch, self.epoch, path.ctls, path.sems, path.seqs, path.masks,
+                         path.lens, op, ring)
+
+    def wait_all(self, timeout: float | None) -> list[Slot]:
+        """Wait for the replies to :meth:`send_all`: spin in C while that pays (see
+        ``Options.spin``); when every slot answered OK and none is flagged, return at
+        once, else take :meth:`wait`'s careful path."""
+        path = self._batch_path
+        self._drain()  # the batch's post (if it came) is not needed: resp_seq is the truth
+        if (path is not None
+                and _ring.spin_all(path.ctls, path.seqs, self.spin_ns, self.spin_yield) < 0
+                and _ring.first_bad_status(path.ctls) < 0
+                and not any(s.failure is not None for s in self.slots)):
+            self._check_watchdog()
+            return []
+        return self.wait(self.slots, timeout)
 
     def send(self, items: list) -> None:
         """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
@@ -177,7 +224,7 @@ class Supervisor:
                              slot.env_mask() if mask is None else mask, _ring.REQ_COUNTED,
                              self.epoch)
         for item in items:
-            item[0].req_sem.release()
+            item[0].req_post.post()
         if self.serial:
             for item in items:
                 if item[0].process is not None:
@@ -194,13 +241,16 @@ class Supervisor:
         opts = self.options
         with self.lock:
             try:
+                self._batch_path = None  # a new semaphore: rebuild the batched view
                 if slot.req_sem is not None:
                     slot.req_sem.close()
+                    slot.req_post.close()
                     self.names.forget_semaphore(slot.req_sem_name)
-                    slot.req_sem = None
+                    slot.req_sem = slot.req_post = None
                 slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
                 self.names.track_semaphore(slot.req_sem_name)
                 slot.req_sem = create_semaphore(slot.req_sem_name)
+                slot.req_post = _ring.Waiter(slot.req_sem_name)
                 start_seq = self.next_seq()
                 slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
                 slot.expected = start_seq
@@ -214,7 +264,7 @@ class Supervisor:
                     generation=slot.generation, start_seq=start_seq,
                     heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
                     max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
-                    spin_ns=opts.spin_ns, pending_seeds=pending_seeds,
+                    spin_ns=self.spin_ns, spin_yield=self.spin_yield, pending_seeds=pending_seeds,
                     observation_mode=self.observation_mode,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 if self.serial:
@@ -338,12 +388,12 @@ class Supervisor:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem, spin = self.done_waiter, self.options.spin_ns
+        sem, spin = self.done_waiter, self.spin_ns
         self._drain()
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
             if spin:
-                slot.ctl.spin_resp_until(slot.expected, spin)
+                slot.ctl.spin_resp_until(slot.expected, spin, self.spin_yield)
             while True:
                 if slot.ctl.resp_seq == slot.expected:
                     self._settle(slot)
@@ -568,7 +618,8 @@ class Supervisor:
         for slot in self.slots:
             if slot.req_sem is not None:
                 slot.req_sem.close()
-                slot.req_sem = None
+                slot.req_post.close()
+                slot.req_sem = slot.req_post = None
             slot.ctl.release()
             slot.payload.close()
         self.batch.release()

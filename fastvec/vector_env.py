@@ -40,6 +40,9 @@ from fastvec.supervisor import Failure, Slot, Supervisor
 __all__ = ["FastVectorEnv"]
 
 log = logging.getLogger("fastvec")
+# health()'s step-latency percentiles sample one step in this many on the common path
+# (reading every worker's latency each step costs more than the rest of step_wait).
+_LATENCY_SAMPLE = 4
 
 
 class State(enum.Enum):
@@ -63,6 +66,7 @@ class PendingStep:
     ring: int
     slots: list  # the slots a request went to
     lost: list = field(default_factory=list)  # slots replaced earlier, reported in this step
+    batched: bool = False  # sent to every slot by Supervisor.send_all (the common case)
 
 
 def reset_arguments(seed, options: dict | None, n: int) -> tuple:
@@ -151,8 +155,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
             to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
-            the semaphore. 0 (default) always sleeps: on a loaded 2-core VM a spinner that
-            shares a core with the process it waits for makes round trips slower.
+            the semaphore; ``"auto"`` (default) spins 100 us. Spinners yield their core
+            (``sched_yield``) whenever workers + parent outnumber the usable cores, so
+            oversubscription costs a little, never a timeslice per hand-over. 0 always sleeps.
         observation_mode: as gymnasium's: ``"same"`` (every env has env 0's observation
             space), ``"different"`` (same shape and dtype, other bounds; batched with
             ``batch_differing_spaces``), or a ``(batch_space, single_space)`` pair.
@@ -184,7 +189,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         ring_depth: int = 2,
         max_payload_bytes: int = 1 << 30,
         validate_actions: bool = True,
-        spin_us: float = 0.0,
+        spin_us: float | str = "auto",
         batch_size: int | None = None,
         observation_mode: str | tuple = "same",
         daemon: bool = True,
@@ -247,10 +252,6 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
 
         k = opts.envs_per_worker
         slots_envs = [tuple(range(i, min(i + k, self.num_envs))) for i in range(0, self.num_envs, k)]
-        cores = len(os.sched_getaffinity(0))
-        if opts.spin_us and len(slots_envs) + 1 > cores:
-            log.warning("spin_us=%s with %d workers on %d cores: spinners outnumber cores, "
-                        "throughput may collapse", opts.spin_us, len(slots_envs), cores)
         self._plan = Plan(self.single_observation_space, self.single_action_space,
                           self.num_envs, len(slots_envs), opts.ring_depth)
 
@@ -289,6 +290,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._ring = 0  # ring slot holding the latest results of a lockstep call
         self._env_ring = np.zeros(self.num_envs, np.int64)  # ... of each env (send/recv)
         self._inflight = np.zeros(self.num_envs, np.bool_)
+        self._all_envs = np.arange(self.num_envs)
+        self._single_obs_leaf = (len(self._plan.obs_leaves) == 1
+                                 and self._plan.obs_leaves[0].path == ())
         self._env_to_slot = [s for s in self._sup.slots for _ in s.env_indices]
         self._base_seeds: list[int | None] = [None] * self.num_envs
         self._restarts = np.zeros(self.num_envs, np.int64)
@@ -429,9 +433,16 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 "autoreset_mode is DISABLED: reset them first with "
                 "reset(options={'reset_mask': mask})")
         flat = self._flat_actions(actions, self.num_envs)
-        self._write_actions(flat, np.arange(self.num_envs))
+        self._write_actions(flat, self._all_envs)
         self._align_rings()
         r = (self._ring + 1) % self.options.ring_depth
+        sup = self._sup
+        if not (self._pacts or sup.serial or any(
+                s.lost is not None or s.disabled is not None for s in sup.slots)):
+            sup.send_all(_ring.OP_STEP, r)  # every worker steps all its envs: one C call
+            self._pending = PendingStep(r, sup.slots, batched=True)
+            self._state = State.WAITING_STEP
+            return
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         requests, lost = [], []
         for slot in self._sup.slots:
@@ -454,7 +465,12 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._assert_waiting(State.WAITING_STEP, "step_wait", "step_async")
         p: PendingStep = self._pending
         r, v = p.ring, self._views
-        failed = self._sup.wait(p.slots, timeout)
+        if p.batched:
+            failed = self._sup.wait_all(timeout)
+            if not failed and not self.options.recycling:
+                return self._step_result(r)
+        else:
+            failed = self._sup.wait(p.slots, timeout)
         self._state = State.DEFAULT
         self._steps += 1
         for slot in failed:
@@ -526,6 +542,26 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._raise_if_policy(restarted)
         return (self._observations(r), v.reward[r].copy(), v.terminated[r].copy(),
                 v.truncated[r].copy(), infos)
+
+    def _step_result(self, r: int):
+        """step_wait's common case: every worker answered OK, nothing to replace or recycle."""
+        self._state = State.DEFAULT
+        self._steps += 1
+        v = self._views
+        infos: dict = {}
+        slots = self._sup.slots
+        for slot in slots:
+            if slot.ctl.resp_payload_len:
+                self._collect_infos(slot, infos, r)
+        if self._steps % _LATENCY_SAMPLE == 1:  # the first step, then every 4th
+            self._sup.record_latency(slots)
+        terminated = v.terminated[r].copy()
+        truncated = v.truncated[r].copy()
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            self._needs_reset |= terminated | truncated
+        self._ring = r
+        self._env_ring[:] = r
+        return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
 
     # -- call / attributes -------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -640,7 +676,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             raise AlreadyPendingCallError(
                 f"{call}() called while a {self._state.value}_async() is pending; call "
                 f"{self._state.value}_wait() first", self._state.value)
-        if self._inflight.any():
+        if self.batch_size is not None and self._inflight.any():
             raise AlreadyPendingCallError(
                 f"{call}() called while envs {np.flatnonzero(self._inflight).tolist()} are "
                 "stepping after send(); recv() them first", "recv")
@@ -691,7 +727,14 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         return put_pickle(slot.payload, payload, self.options.max_payload_bytes)
 
     def _observations(self, r: int):
-        return self._batch_obs([r] * self.num_envs, range(self.num_envs))
+        if self._plan.pickled_obs:
+            return self._batch_obs([r] * self.num_envs, range(self.num_envs))
+        if self._single_obs_leaf:
+            region = self._views.obs[0]
+            return np.array(region[r]) if self.copy else region[r]
+        return unflatten(self.single_observation_space,
+                         [np.array(region[r]) if self.copy else region[r]
+                          for region in self._views.obs])
 
     def _batch_obs(self, rings, ids):
         """The batch of envs ``ids`` whose rows sit in ring slots ``rings`` (lockstep: all
@@ -737,6 +780,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
     def _align_rings(self) -> None:
         """After send/recv the envs' latest rows sit in different ring slots; a lockstep
         call needs them in one (self._ring) so that a batch is one slot."""
+        if self.batch_size is None:
+            return  # without send()/recv() every env's latest row is in self._ring
         if self._inflight.any():
             raise AlreadyPendingCallError(
                 f"envs {np.flatnonzero(self._inflight).tolist()} are still stepping after "

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import posix_ipc
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
+from fastvec._stepper import StepKernel
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 
 from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
@@ -58,6 +58,7 @@ class WorkerSpec:
     single_spaces: tuple  # (observation_space, action_space) the parent batched
     observation_mode: str = "same"  # "same": spaces equal env 0's; else same shape and dtype
     spin_ns: int = 0  # spin this long for the next request before blocking
+    spin_yield: bool = False  # yield the core between spin rounds (Options.spin)
     # Seeds for the next reset of each env (a replacement's derived seeds), or None. Under
     # NEXT_STEP the first step is that reset (the predecessor's episode ended truncated).
     pending_seeds: tuple | None = None
@@ -75,8 +76,8 @@ class Worker:
         self.ctl = _ring.Ctl(self.main.mm, spec.worker_index * _ring.CTL_SIZE)
         self.ctl.check()
         self.batch = _ring.Batch(self.main.mm, spec.plan.batch_offset)
-        self.req_sem = posix_ipc.Semaphore(spec.req_sem_name)
-        self.done_sem = posix_ipc.Semaphore(spec.done_sem_name)
+        self.req_sem = _ring.Waiter(spec.req_sem_name)
+        self.done_sem = _ring.Waiter(spec.done_sem_name)
         self.views = spec.plan.views(self.main.mm)
         self.obs_leaves = spec.plan.obs_leaves
         self.act_leaves = spec.plan.act_leaves
@@ -92,6 +93,10 @@ class Worker:
             _ring.OP_SET_ATTR: self.on_set_attr,
             _ring.OP_CLOSE: self.on_close,
         }
+        self.kernel = (StepKernel(self, self.views, self.obs_leaves, self.act_leaves,
+                                  self.obs_space, self.act_space)
+                       if StepKernel.supports(self.obs_leaves, self.act_leaves, self.views)
+                       else None)
 
     # -- start-up --------------------------------------------------------------
     def start(self) -> None:
@@ -133,10 +138,13 @@ class Worker:
         return self._put_reply(infos, pobs)
 
     def on_step(self, ring: int, mask: int) -> int:
+        n = self.ctl.req_payload_len
+        if self.kernel is not None and not n:  # the compiled loop (fastvec/_stepper.pyx)
+            infos = self.kernel.step(ring)
+            return 0 if infos is None else self._put_reply(infos, [None] * len(self.envs))
         v = self.views
         infos: list = [None] * len(self.envs)
         pobs: list = [None] * len(self.envs)
-        n = self.ctl.req_payload_len
         pacts = get_pickle(self.payload, n) if n else None  # per env {leaf: value} or None
         for j, env in enumerate(self.envs):
             i = self.spec.env_indices[j]
@@ -153,8 +161,7 @@ class Worker:
                                                         for k, a in enumerate(v.act)])
                 obs, reward, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
-                    self.ctl.episodes = self.ctl.episodes + 1
-                    self.ctl.rss_bytes = _rss_bytes()
+                    self.episode_ended()
                     if self.mode == AutoresetMode.NEXT_STEP:
                         self.autoreset[j] = True
                     elif self.mode == AutoresetMode.SAME_STEP:
@@ -200,6 +207,10 @@ class Worker:
         os._exit(0)
 
     # -- helpers -----------------------------------------------------------------
+    def episode_ended(self) -> None:
+        self.ctl.episodes = self.ctl.episodes + 1
+        self.ctl.rss_bytes = _rss_bytes()
+
     def _take_seed(self, j: int, seed):
         if seed is None and self.pending_seed[j] is not None:
             seed = self.pending_seed[j]
@@ -248,7 +259,7 @@ class Worker:
     def post_done(self, counted: int, epoch: int = 0) -> None:
         """Wake the parent, unless this reply is part of a batch that still owes others."""
         if not counted or self.batch.leave(epoch):
-            self.done_sem.release()
+            self.done_sem.post()
 
     def reply_error(self, seq: int, exc: BaseException, counted: int = 0, epoch: int = 0) -> None:
         # Data that does not fit (a space, the payload limit, an info that cannot be
@@ -267,26 +278,10 @@ class Worker:
         self.post_done(counted, epoch)
 
     def next_request(self, last: int) -> int:
-        """Wait for a request newer than ``last``: spin briefly, then block on the semaphore.
-
-        The semaphore is only a wake-up hint; req_seq is the truth. A post that a spin
-        overtook is drained here or returns a later acquire early; either way counts stay
-        bounded and no request is missed.
-        """
-        ctl, spin = self.ctl, self.spec.spin_ns
-        while True:
-            seq = ctl.spin_req(last, spin) if spin else ctl.req_seq
-            if seq != last:
-                if spin:
-                    try:
-                        self.req_sem.acquire(0)
-                    except posix_ipc.BusyError:
-                        pass
-                return seq
-            try:
-                self.req_sem.acquire()
-            except posix_ipc.SignalError:
-                pass  # a signal the env installed a handler for (e.g. SIGALRM): wait on
+        """Wait for a request newer than ``last``: spin briefly, then block on the semaphore
+        (csrc/ring.c fv_wait_request; req_seq is the truth, the semaphore a wake-up hint).
+        Signal handlers the env installed (e.g. SIGALRM) run, and the wait goes on."""
+        return self.ctl.wait_request(self.req_sem, last, self.spec.spin_ns, self.spec.spin_yield)
 
     def handle(self, seq: int, in_process: bool = False) -> int:
         """Answer request ``seq``; returns its opcode. In process (context="serial") an
@@ -304,8 +299,7 @@ class Worker:
             if in_process and not isinstance(exc, Exception):
                 raise
             return op
-        ctl.complete(seq, _ring.ST_OK, n)
-        self.post_done(counted, epoch)
+        ctl.reply(self.batch, self.done_sem, seq, _ring.ST_OK, n, counted, epoch)
         return op
 
     def serve(self) -> None:
@@ -353,14 +347,11 @@ class InProcess:
             self.worker.reply_error(spec.start_seq, exc)
             return
         ctl.complete(spec.start_seq, _ring.ST_OK, 0)
-        self.worker.done_sem.release()
+        self.worker.done_sem.post()
 
     def serve_one(self) -> None:
         """Answer the request just written to the control block."""
-        try:
-            self.worker.req_sem.acquire(0)  # the post meant for a process: keep counts bounded
-        except posix_ipc.BusyError:
-            pass
+        self.worker.req_sem.acquire(0)  # the post meant for a process: keep counts bounded
         self.worker.handle(self.worker.ctl.req_seq, in_process=True)
 
     def close(self) -> None:
@@ -375,6 +366,9 @@ class InProcess:
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
         w.envs = []
+        if w.kernel is not None:
+            w.kernel.release()
+            w.kernel = None
         w.views = None
         w.ctl.release()
         w.batch.release()
@@ -405,6 +399,6 @@ def worker_main(spec: WorkerSpec) -> None:
         while True:
             signal.pause()
     worker.ctl.complete(spec.start_seq, _ring.ST_OK, 0)
-    worker.done_sem.release()
+    worker.done_sem.post()
     worker.serve()
     os._exit(0)  # skip interpreter teardown of env libraries; the parent owns all cleanup

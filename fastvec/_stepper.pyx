@@ -1,0 +1,177 @@
+"""The worker's step loop, compiled.
+
+For each env of a STEP request: its action out of shared memory, ``env.step`` (the only
+Python left), then its observation, reward and flags into the ring slot. An observation
+leaf that is a C-contiguous array of exactly the leaf's dtype and shape (what a raster env
+returns) is one memcpy, without the GIL for large rows; anything else (a Python scalar, a
+strided view, another dtype) goes through ``layout.write_leaf``, which checks and casts
+exactly as before. Rewards and flags are converted the way numpy's item assignment does
+(``float(x)``, ``bool(x)``), so results stay those of SyncVectorEnv.
+
+The kernel serves requests whose every leaf has a fixed size and whose actions all came
+through shared memory; anything else takes ``Worker.on_step``'s Python path.
+"""
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from libc.string cimport memcpy
+
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+from fastvec.errors import SpaceMismatchError
+from fastvec.layout import flatten, unflatten, write_leaf
+
+cdef object _ndarray = np.ndarray
+# Rows at least this large are copied with the GIL released (a worker's heartbeat and
+# the env's own threads may want it); smaller ones are not worth the hand-off.
+cdef Py_ssize_t _NOGIL_BYTES = 16384
+
+
+cdef class _ObsLeaf:
+    cdef object leaf          # layout.Leaf
+    cdef object region        # the numpy region [depth][num_envs][*shape]
+    cdef unsigned char[::1] raw
+    cdef Py_ssize_t row_bytes, num_envs
+    cdef object dtype, shape
+
+    def __cinit__(self, leaf, region):
+        self.leaf = leaf
+        self.region = region
+        self.raw = region.reshape(-1).view(np.uint8)
+        self.num_envs = region.shape[1]
+        self.row_bytes = region.dtype.itemsize
+        for s in region.shape[2:]:
+            self.row_bytes *= s
+        self.dtype = region.dtype
+        self.shape = tuple(leaf.shape)
+
+    cdef int write(self, object value, Py_ssize_t ring, Py_ssize_t i) except -1:
+        cdef Py_buffer b
+        cdef char *dst
+        if (type(value) is _ndarray and (value.dtype is self.dtype or value.dtype == self.dtype)
+                and value.shape == self.shape):
+            try:
+                PyObject_GetBuffer(value, &b, PyBUF_C_CONTIGUOUS)
+            except (BufferError, ValueError):
+                pass  # strided: the checked path below copies it
+            else:
+                try:
+                    if b.len == self.row_bytes:
+                        dst = <char *>&self.raw[0] + (ring * self.num_envs + i) * self.row_bytes
+                        if self.row_bytes >= _NOGIL_BYTES:
+                            with nogil:
+                                memcpy(dst, b.buf, self.row_bytes)
+                        else:
+                            memcpy(dst, b.buf, self.row_bytes)
+                        return 0
+                finally:
+                    PyBuffer_Release(&b)
+        write_leaf(self.region[ring, i, ...], self.leaf, value)
+        return 0
+
+
+cdef class StepKernel:
+    """One worker's STEP handler for spaces whose leaves all have a fixed size."""
+
+    cdef object worker
+    cdef list envs
+    cdef tuple env_indices
+    cdef int mode  # 0 NEXT_STEP, 1 SAME_STEP, 2 DISABLED
+    cdef list obs
+    cdef bint obs_single
+    cdef object obs_space
+    cdef list act
+    cdef bint act_single, act_scalar
+    cdef object act_space
+    cdef double[:, ::1] reward
+    cdef unsigned char[:, ::1] terminated, truncated
+    cdef object ctl
+
+    def __cinit__(self, worker, views, obs_leaves, act_leaves, obs_space, act_space):
+        self.worker = worker
+        self.env_indices = tuple(worker.spec.env_indices)
+        mode = AutoresetMode(worker.spec.autoreset_mode)
+        self.mode = (0 if mode == AutoresetMode.NEXT_STEP
+                     else 1 if mode == AutoresetMode.SAME_STEP else 2)
+        self.obs = [_ObsLeaf(leaf, region) for leaf, region in zip(obs_leaves, views.obs)]
+        self.obs_single = len(obs_leaves) == 1 and obs_leaves[0].path == ()
+        self.obs_space = obs_space
+        self.act = list(views.act)
+        self.act_single = len(act_leaves) == 1 and act_leaves[0].path == ()
+        self.act_scalar = self.act_single and act_leaves[0].shape == ()
+        self.act_space = act_space
+        self.reward = views.reward
+        self.terminated = views.terminated.view(np.uint8)
+        self.truncated = views.truncated.view(np.uint8)
+        self.ctl = worker.ctl
+
+    @staticmethod
+    def supports(obs_leaves, act_leaves, views) -> bool:
+        return (all(r is not None for r in views.obs) and all(a is not None for a in views.act)
+                and not any(leaf.pickled for leaf in (*obs_leaves, *act_leaves)))
+
+    def release(self):
+        """Drop every view of the main segment, so that its mmap can be closed."""
+        self.obs = []
+        self.act = []
+        self.reward = None
+        self.terminated = None
+        self.truncated = None
+
+    cdef object _action(self, Py_ssize_t i):
+        if self.act_scalar:
+            return self.act[0][i]  # a numpy scalar: immutable, nothing to copy
+        if self.act_single:
+            return self.act[0][i].copy()
+        return unflatten(self.act_space, [a[i].copy() for a in self.act])
+
+    cdef int _write_obs(self, Py_ssize_t i, Py_ssize_t ring, object obs) except -1:
+        cdef _ObsLeaf leaf
+        try:
+            if self.obs_single:
+                (<_ObsLeaf>self.obs[0]).write(obs, ring, i)
+            else:
+                for leaf, value in zip(self.obs, flatten(self.obs_space, obs)):
+                    leaf.write(value, ring, i)
+        except SpaceMismatchError as exc:
+            raise SpaceMismatchError(f"env {i} returned an observation that does not fit "
+                                     f"{self.obs_space}: {exc}") from None
+        return 0
+
+    def step(self, Py_ssize_t ring):
+        """Step every env of the worker into ring slot ``ring``; returns the per-env infos
+        (None where empty) or None when every info is empty."""
+        cdef Py_ssize_t j, i, k = len(self.worker.envs)
+        cdef list envs = self.worker.envs
+        cdef list autoreset = self.worker.autoreset
+        cdef list infos = None
+        cdef double r
+        cdef bint term, trunc
+        for j in range(k):
+            i = self.env_indices[j]
+            env = envs[j]
+            if autoreset[j]:  # NEXT_STEP: this step is the reset
+                obs, info = env.reset(seed=self.worker._take_seed(j, None))
+                r, term, trunc = 0.0, False, False
+                autoreset[j] = False
+            else:
+                obs, reward, terminated, truncated, info = env.step(self._action(i))
+                r = reward  # float(reward), as numpy's item assignment converts it
+                term = terminated
+                trunc = truncated
+                if term or trunc:
+                    self.worker.episode_ended()
+                    if self.mode == 0:
+                        autoreset[j] = True
+                    elif self.mode == 1:
+                        final_obs, final_info = obs, info
+                        obs, reset_info = env.reset(seed=self.worker._take_seed(j, None))
+                        info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
+            self._write_obs(i, ring, obs)
+            self.reward[ring, i] = r
+            self.terminated[ring, i] = term
+            self.truncated[ring, i] = trunc
+            if info:
+                if infos is None:
+                    infos = [None] * k
+                infos[j] = info
+        return infos
