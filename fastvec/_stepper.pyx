@@ -12,13 +12,17 @@ The kernel serves requests whose every leaf has a fixed size and whose actions a
 through shared memory; anything else takes ``Worker.on_step``'s Python path.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
-from libc.string cimport memcpy
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
+from fastvec import infos as _infos
 from fastvec.errors import SpaceMismatchError
 from fastvec.layout import flatten, unflatten, write_leaf
+
+cdef object _MISSING = object()
 
 cdef object _ndarray = np.ndarray
 # Rows at least this large are copied with the GIL released (a worker's heartbeat and
@@ -69,6 +73,80 @@ cdef class _ObsLeaf:
         return 0
 
 
+cdef class InfoWriter:
+    """The worker's side of the typed info columns (fastvec/infos.py): for each env's
+    reply, the values of the schema's keys (exact type only) into their columns, presence
+    bytes set or cleared; returns what is left of the dict to pickle (None: nothing)."""
+
+    cdef uint64_t[::1] version
+    cdef object blob
+    cdef int64_t[:, :, ::1] ivals
+    cdef double[:, :, ::1] fvals
+    cdef unsigned char[:, :, ::1] present
+    cdef uint64_t seen
+    cdef list keys, types
+    cdef list kinds
+    cdef dict index
+    cdef Py_ssize_t n
+
+    def __cinit__(self, views):
+        self.version = views.info_version
+        self.blob = views.info_blob
+        self.ivals = views.info_values
+        self.fvals = views.info_values.view(np.float64)
+        self.present = views.info_present
+        self.seen = 0
+        self.keys, self.types, self.kinds, self.index, self.n = [], [], [], {}, 0
+
+    def release(self):
+        self.version = None
+        self.blob = None
+        self.ivals = None
+        self.fvals = None
+        self.present = None
+
+    cdef int _load(self) except -1:
+        schema = _infos.decode_schema(self.blob)
+        self.keys = [k for k, _ in schema]
+        self.types = [t for _, t in schema]
+        self.kinds = [_infos.kind_of(t) for t in self.types]
+        self.index = {k: c for c, k in enumerate(self.keys)}
+        self.n = len(schema)
+        self.seen = self.version[0]
+        return 0
+
+    cpdef object write(self, Py_ssize_t ring, Py_ssize_t i, object info):
+        cdef Py_ssize_t c, taken = 0
+        cdef unsigned char *p
+        if self.version[0] != self.seen:
+            self._load()
+        if self.n == 0:
+            return info if info else None
+        p = &self.present[ring, i, 0]
+        memset(p, 0, self.n)
+        if not info or type(info) is not dict:
+            return info if info else None
+        for c in range(self.n):
+            v = (<dict>info).get(self.keys[c], _MISSING)
+            if v is _MISSING or type(v) is not self.types[c]:
+                continue
+            try:
+                if self.kinds[c] == 1:
+                    self.fvals[ring, i, c] = v
+                else:
+                    self.ivals[ring, i, c] = v
+            except OverflowError:  # an int beyond int64: it travels pickled
+                continue
+            p[c] = 1
+            taken += 1
+        if taken == 0:
+            return info
+        if taken == len(<dict>info):
+            return None
+        return {k: v for k, v in (<dict>info).items()
+                if not (k in self.index and p[<Py_ssize_t>self.index[k]])}
+
+
 cdef class StepKernel:
     """One worker's STEP handler for spaces whose leaves all have a fixed size."""
 
@@ -85,9 +163,12 @@ cdef class StepKernel:
     cdef double[:, ::1] reward
     cdef unsigned char[:, ::1] terminated, truncated
     cdef object ctl
+    cdef InfoWriter infos
 
-    def __cinit__(self, worker, views, obs_leaves, act_leaves, obs_space, act_space):
+    def __cinit__(self, worker, views, obs_leaves, act_leaves, obs_space, act_space,
+                  InfoWriter info_writer):
         self.worker = worker
+        self.infos = info_writer
         self.env_indices = tuple(worker.spec.env_indices)
         mode = AutoresetMode(worker.spec.autoreset_mode)
         self.mode = (0 if mode == AutoresetMode.NEXT_STEP
@@ -139,7 +220,7 @@ cdef class StepKernel:
 
     def step(self, Py_ssize_t ring):
         """Step every env of the worker into ring slot ``ring``; returns the per-env infos
-        (None where empty) or None when every info is empty."""
+        left to pickle (None where nothing is left) or None when nothing is left at all."""
         cdef Py_ssize_t j, i, k = len(self.worker.envs)
         cdef list envs = self.worker.envs
         cdef list autoreset = self.worker.autoreset
@@ -170,7 +251,8 @@ cdef class StepKernel:
             self.reward[ring, i] = r
             self.terminated[ring, i] = term
             self.truncated[ring, i] = trunc
-            if info:
+            info = self.infos.write(ring, i, info)
+            if info is not None:
                 if infos is None:
                     infos = [None] * k
                 infos[j] = info

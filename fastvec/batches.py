@@ -115,8 +115,15 @@ class FirstReadyBatches:
                 failure = reported[slot]
                 batch._add_info(infos, self._disabled_info(slot.disabled) if slot.disabled
                                 else self._restart_info(failure), j)
-            elif slot.ctl.resp_payload_len:
-                (info,), (pobs,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+            else:
+                info = pobs = None
+                if slot.ctl.resp_payload_len:
+                    (info,), (pobs,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+                    if info:
+                        self._infos.learn(info)
+                typed = self._infos.env_info(int(rings[j]), i)
+                if typed:
+                    info = {**typed, **info} if info else typed
                 if info:
                     batch._add_info(infos, info, j)
                 if pobs is not None:
@@ -133,5 +140,7 @@ class FirstReadyBatches:
                    and self._recovery.recycle_reason(s)]
             if due:
                 self._recovery.recycle(due, ReplacementPlan(when=When.NEXT))
+        if not self._inflight.any():  # workers read the schema when a request starts
+            self._infos.publish()
         self._raise_if_policy([(s, f) for s, f in crashed])
         return obs, rewards, terminated, truncated, infos, ids

@@ -9,7 +9,8 @@ leaf gets batched regions in the main segment:
     obs    [depth][num_envs][*leaf.shape]   a ring of `depth` result slots
     action [num_envs][*leaf.shape]
 
-plus, per ring slot, reward (float64), terminated and truncated (bool). The control
+plus, per ring slot, reward (float64), terminated and truncated (bool), and the typed
+info columns (fastvec/infos.py). The control
 blocks of the workers and the batch block (csrc/ring.h) come first. Rows of one env are contiguous, so any
 subset of envs can be gathered into a batch (see _raster.gather_rows).
 """
@@ -24,7 +25,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import iterate
 
-from fastvec import _ring
+from fastvec import _ring, infos
 
 from fastvec.errors import (ActionBatchTypeError, InvalidActionError, SpaceMismatchError,
                             UnsupportedSpaceError)
@@ -150,6 +151,11 @@ class Plan:
         self.reward = region((depth, num_envs), np.float64)
         self.terminated = region((depth, num_envs), np.bool_)
         self.truncated = region((depth, num_envs), np.bool_)
+        # typed info columns (fastvec/infos.py): the schema, then values and presence
+        self.info_version = region((1,), np.uint64)
+        self.info_blob = region((infos.BLOB_BYTES,), np.uint8)
+        self.info_values = region((depth, num_envs, infos.COLUMNS), np.int64)
+        self.info_present = region((depth, num_envs, infos.COLUMNS), np.uint8)
         self.size = offset
 
     def views(self, buf) -> "Views":
@@ -165,10 +171,15 @@ class Views:
         self.reward = plan.reward.view(buf)
         self.terminated = plan.terminated.view(buf)
         self.truncated = plan.truncated.view(buf)
+        self.info_version = plan.info_version.view(buf)
+        self.info_blob = plan.info_blob.view(buf)
+        self.info_values = plan.info_values.view(buf)
+        self.info_present = plan.info_present.view(buf)
 
     def release(self) -> None:
         self.obs = self.act = []
         self.reward = self.terminated = self.truncated = None
+        self.info_version = self.info_blob = self.info_values = self.info_present = None
 
 
 def write_leaf(dst: np.ndarray, leaf: Leaf, value: Any) -> None:

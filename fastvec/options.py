@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from gymnasium.vector import AutoresetMode
 
+from fastvec.infos import check_spec
+
 ON_FAILURE = ("respawn", "raise")
 ON_BUDGET_EXHAUSTED = ("raise", "disable")
 
@@ -44,11 +46,13 @@ class Options:
     max_payload_bytes: int = 1 << 30
     validate_actions: bool = True
     spin_us: float | str = "auto"
+    info_spec: dict | None = None
     batch_size: int | None = None
     daemon: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
+        object.__setattr__(self, "info_spec", check_spec(self.info_spec))
         if self.context not in (None, "fork", "spawn", "forkserver", "serial"):
             raise ValueError(f"context must be 'fork', 'spawn', 'forkserver', 'serial' or None, "
                              f"got {self.context!r}")

@@ -34,6 +34,7 @@ from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesEr
 from fastvec.layout import Plan, check_actions, flatten, split_pickled, unflatten
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
+from fastvec.infos import InfoColumns
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
 from fastvec.supervisor import Failure, Slot, Supervisor
 
@@ -152,6 +153,10 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         ring_depth: result slots per env (>= 2).
         max_payload_bytes: ceiling of the side buffer that carries infos and call results.
         validate_actions: check actions against the action space before sending (bounds too).
+        info_spec: ``{key: type}`` of info values that travel in typed shared-memory
+            columns from the first step (``int``, ``float``, ``bool``, numpy integer/float
+            scalar types). Without it, such keys get columns once seen (fastvec/infos.py);
+            other values are pickled. Results are the same either way.
         batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
             to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
@@ -190,6 +195,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         max_payload_bytes: int = 1 << 30,
         validate_actions: bool = True,
         spin_us: float | str = "auto",
+        info_spec: dict | None = None,
         batch_size: int | None = None,
         observation_mode: str | tuple = "same",
         daemon: bool = True,
@@ -214,7 +220,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             restart_window=restart_window, recycle_after_episodes=recycle_after_episodes,
             max_worker_rss=max_worker_rss, recycle_grace=recycle_grace, ring_depth=ring_depth,
             max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
-            spin_us=spin_us, batch_size=batch_size, daemon=daemon)
+            spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon)
         opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns
@@ -263,6 +269,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             res.names.track_segment(prefix + "main")
             res.main = Segment(prefix + "main", self._plan.size, create=True)
             self._views = self._plan.views(res.main.mm)
+            self._infos = InfoColumns(self._views, self.num_envs, opts.info_spec)
             res.supervisor = self._sup = Supervisor(
                 options=opts, prefix=prefix,
                 ctx=None if opts.context == "serial" else multiprocessing.get_context(opts.context),
@@ -281,7 +288,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                     raise exc from RemoteTraceback(failure.remote[1])
                 raise self._failure_error(slot, failure, "while starting its envs")
         except BaseException:
-            self._views = None
+            self._views = self._infos = None
             self._finalizer()
             self.closed = True
             raise
@@ -417,6 +424,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._needs_reset[mask] = False
         self._ring = r
         self._env_ring[:] = r
+        self._infos.publish()
         self._raise_if_policy([(s, f) for s, f in crashed])
         return self._observations(r), infos
 
@@ -539,6 +547,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self._needs_reset |= done & ~disabled
         self._ring = r
         self._env_ring[:] = r
+        self._infos.publish()
         self._raise_if_policy(restarted)
         return (self._observations(r), v.reward[r].copy(), v.terminated[r].copy(),
                 v.truncated[r].copy(), infos)
@@ -548,11 +557,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._state = State.DEFAULT
         self._steps += 1
         v = self._views
-        infos: dict = {}
         slots = self._sup.slots
-        for slot in slots:
-            if slot.ctl.resp_payload_len:
-                self._collect_infos(slot, infos, r)
+        infos = self._step_infos(slots, r)
         if self._steps % _LATENCY_SAMPLE == 1:  # the first step, then every 4th
             self._sup.record_latency(slots)
         terminated = v.terminated[r].copy()
@@ -561,7 +567,38 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self._needs_reset |= terminated | truncated
         self._ring = r
         self._env_ring[:] = r
+        self._infos.publish()
         return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
+
+    def _step_infos(self, slots: list[Slot], r: int) -> dict:
+        """Every env's infos of ring slot ``r``: the typed columns in a few array
+        operations, then what came pickled. If a key came both ways (a value whose type
+        differs from its column's), env by env instead, so the arrays' dtypes are the ones
+        gymnasium's ``_add_info`` picks."""
+        cols = self._infos
+        pickled: dict[int, dict] = {}
+        for slot in slots:
+            n = slot.ctl.resp_payload_len
+            if not n:
+                continue
+            got, pobs = get_pickle(slot.payload, n)
+            for j, i in enumerate(slot.env_indices):
+                if got[j]:
+                    pickled[i] = got[j]
+                    cols.learn(got[j])
+                if pobs[j] is not None:
+                    self._pobs[r][i] = pobs[j]
+        infos: dict = {}
+        if cols.n and pickled and cols.collides(list(pickled.values())):
+            for i in range(self.num_envs):
+                info = {**cols.env_info(r, i), **pickled.get(i, {})}
+                if info:
+                    self._add_info(infos, info, i)
+            return infos
+        cols.batch(r, infos)
+        for i in sorted(pickled):
+            self._add_info(infos, pickled[i], i)
+        return infos
 
     # -- call / attributes -------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -645,7 +682,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             except Exception:  # noqa: BLE001 - closing anyway, in stages
                 terminate = True
         self._state = State.DEFAULT
-        self._views = None
+        self._views = self._infos = None
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
@@ -809,17 +846,24 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._carry(slot.env_indices, r)
 
     def _collect_infos(self, slot: Slot, infos: dict, r: int) -> None:
-        """Read a reset/step reply's side-buffer part: infos, and the values of pickled
-        observation leaves (kept per ring slot and env, like the rows in shared memory)."""
+        """Read a reset/step reply: its typed info columns and its side-buffer part (the
+        rest of the infos, the values of pickled observation leaves, kept per ring slot and
+        env like the rows in shared memory), batched env by env as gymnasium does."""
         n = slot.ctl.resp_payload_len
-        if not n:
-            return
-        got, pobs = get_pickle(slot.payload, n)
-        for i, info, p in zip(slot.env_indices, got, pobs):
+        got, pobs = get_pickle(slot.payload, n) if n else (None, None)
+        cols = self._infos
+        for j, i in enumerate(slot.env_indices):
+            info = got[j] if got else None
+            if info:
+                cols.learn(info)
+            if cols.n:  # typed values in shared memory (fastvec/infos.py), env by env
+                typed = cols.env_info(r, i)
+                if typed:
+                    info = {**typed, **info} if info else typed
             if info:
                 self._add_info(infos, info, i)
-            if p is not None:
-                self._pobs[r][i] = p
+            if pobs is not None and pobs[j] is not None:
+                self._pobs[r][i] = pobs[j]
 
     def _keep_final(self, slot: Slot, infos: dict) -> None:
         """SAME_STEP recycling: keep the old worker's final_obs / final_info only."""

@@ -3,7 +3,8 @@
 Loop: wait on the request semaphore, read the control block (csrc/ring.h), run the
 handler for the opcode, write results into the ring slot the request names, complete
 the block with the request's sequence number, post the shared done semaphore. Nothing is
-pickled on the step path unless an env returns a non-empty info.
+pickled on the step path unless an env returns an info that typed columns do not cover
+(fastvec/infos.py).
 
 Start-up only builds the envs and checks their spaces; any reset, including the one that
 replays a reset a failed predecessor could not finish, is an ordinary RESET request, so a
@@ -26,7 +27,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
-from fastvec._stepper import StepKernel
+from fastvec._stepper import InfoWriter, StepKernel
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 
 from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
@@ -93,8 +94,9 @@ class Worker:
             _ring.OP_SET_ATTR: self.on_set_attr,
             _ring.OP_CLOSE: self.on_close,
         }
+        self.info_writer = InfoWriter(self.views)
         self.kernel = (StepKernel(self, self.views, self.obs_leaves, self.act_leaves,
-                                  self.obs_space, self.act_space)
+                                  self.obs_space, self.act_space, self.info_writer)
                        if StepKernel.supports(self.obs_leaves, self.act_leaves, self.views)
                        else None)
 
@@ -135,6 +137,8 @@ class Worker:
         for j in range(len(self.envs)):
             if mask >> j & 1:
                 infos[j], pobs[j] = self._reset_one(j, ring, seeds[j], options[j])
+            else:  # not reset: nothing of an earlier reply in this ring slot may show
+                self.info_writer.write(ring, self.spec.env_indices[j], None)
         return self._put_reply(infos, pobs)
 
     def on_step(self, ring: int, mask: int) -> int:
@@ -172,8 +176,7 @@ class Worker:
             v.reward[ring, i] = reward
             v.terminated[ring, i] = terminated
             v.truncated[ring, i] = truncated
-            if info:
-                infos[j] = info
+            infos[j] = self.info_writer.write(ring, i, info)
         return self._put_reply(infos, pobs)
 
     def on_call(self, ring: int, mask: int) -> int:
@@ -221,7 +224,7 @@ class Worker:
         i = self.spec.env_indices[j]
         obs, info = self.envs[j].reset(seed=self._take_seed(j, seed), options=options)
         self.autoreset[j] = False
-        return info or None, self._write_obs(i, ring, obs)
+        return self.info_writer.write(ring, i, info), self._write_obs(i, ring, obs)
 
     def _write_obs(self, i: int, ring: int, obs) -> list | None:
         """Write env i's observation into ring slot ``ring``; returns the values of its
@@ -369,6 +372,7 @@ class InProcess:
         if w.kernel is not None:
             w.kernel.release()
             w.kernel = None
+        w.info_writer.release()
         w.views = None
         w.ctl.release()
         w.batch.release()
