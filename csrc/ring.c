@@ -213,14 +213,12 @@ int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n) {
 
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
                          int yield_cpu) {
-    uint64_t v = LOAD(&c->req_seq);
-    if (v != last) return v; /* its post stays: a later wait returns once, early */
-    if (spin_ns) {
-        v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
-        if (v != last) {
-            sem_trywait(s); /* take the post the spin overtook: counts stay bounded */
-            return v;
-        }
+    uint64_t v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
+    if (v != last) {
+        /* Take the post that came with it (if it is there yet; if not, a later wait
+           returns once, early): the count stays bounded either way. */
+        sem_trywait(s);
+        return v;
     }
     for (;;) {
         if (sem_wait(s) != 0) return last; /* EINTR: the caller runs the signal handlers */

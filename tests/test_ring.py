@@ -245,7 +245,7 @@ def test_raw_writes_are_read_by_the_properties(field):
 def test_spin_returns_the_changed_sequence_or_gives_up():
     _, ctl = fresh()
     ctl.init(0, 0, 1, 5)
-    assert ctl.spin_resp(5, 0) == 5 and ctl.spin_req(5, 0) == 5
+    assert ctl.spin_resp(5, 0) == 5 and ctl.spin_req(5, 0, True) == 5
     assert ctl.spin_resp(5, 20_000) == 5  # nothing changes: gives up, returns seq
     ctl.complete(6, _ring.ST_OK)
     assert ctl.spin_resp(5, 10**12) == 6  # changed already: returns at once
@@ -605,3 +605,118 @@ def test_spin_resp_until_waits_for_the_target_not_any_change():
     assert ctl.spin_resp_until(9, 20_000) == 6  # changed, but not to 9: gives up
     put_raw(buf, "resp_seq", 9)
     assert ctl.spin_resp_until(9, 10**12) == 9
+
+
+# -- the batched calls of the step path ------------------------------------------------------------
+
+
+@pytest.fixture
+def named_semaphores():
+    """Fresh named semaphores (value 0), unlinked at teardown; returns a factory."""
+    import posix_ipc
+    made = []
+
+    def make():
+        sem = posix_ipc.Semaphore(f"/fvtest{os.getpid()}_{len(made)}_{os.urandom(4).hex()}",
+                                  posix_ipc.O_CREX, initial_value=0)
+        made.append(sem)
+        return sem, _ring.Waiter(sem.name)
+
+    yield make
+    for sem in made:
+        sem.unlink()
+        sem.close()
+
+
+def blocks(n):
+    buf = bytearray(n * _ring.CTL_SIZE + _ring.BATCH_SIZE)
+    ctls = [_ring.Ctl(buf, w * _ring.CTL_SIZE) for w in range(n)]
+    for w, ctl in enumerate(ctls):
+        ctl.init(w, 0, 1, 10)
+    return buf, ctls, _ring.Batch(buf, n * _ring.CTL_SIZE)
+
+
+def test_send_batch_arms_writes_every_request_and_posts_every_semaphore(named_semaphores):
+    buf, ctls, batch = blocks(3)
+    sems = [named_semaphores() for _ in range(3)]
+    seqs = np.array([11, 12, 13], np.uint64)
+    masks = np.array([1, 3, 7], np.uint64)
+    lens = np.array([0, 5, 0], np.uint64)
+    _ring.send_batch(batch, 9, ctls, [w for _, w in sems], seqs, masks, lens, _ring.OP_STEP, 1)
+    assert batch.remaining == 3 and batch.epoch == 9
+    for w, ctl in enumerate(ctls):
+        assert (ctl.req_seq, ctl.opcode, ctl.ring_index) == (11 + w, _ring.OP_STEP, 1)
+        assert (ctl.env_mask, ctl.req_payload_len) == (int(masks[w]), int(lens[w]))
+        assert ctl.flags == _ring.REQ_COUNTED and ctl.batch_epoch == 9
+    assert [sem.value for sem, _ in sems] == [1, 1, 1]
+    with pytest.raises(ValueError, match="one entry per control block"):
+        _ring.send_batch(batch, 10, ctls, [w for _, w in sems][:2], seqs, masks, lens, 2, 0)
+
+
+def test_spin_all_and_first_bad_status():
+    buf, ctls, _ = blocks(3)
+    seqs = np.array([11, 12, 13], np.uint64)
+    assert _ring.spin_all(ctls, seqs, 0) == 0
+    ctls[0].complete(11, _ring.ST_OK)
+    ctls[2].complete(13, _ring.ST_ERROR)
+    assert _ring.spin_all(ctls, seqs, 20_000) == 1  # gives up on the one still owing
+    assert _ring.spin_all(ctls, seqs, 20_000, True) == 1  # yielding spins give up too
+    ctls[1].complete(12, _ring.ST_OK)
+    assert _ring.spin_all(ctls, seqs, 10**12) == -1
+    assert _ring.first_bad_status(ctls) == 2
+    assert _ring.first_bad_status(ctls[:2]) == -1
+    assert _ring.spin_all([], np.zeros(0, np.uint64), 10) == -1
+    ctls[0].release()
+    with pytest.raises(RingError):
+        _ring.spin_all(ctls, seqs, 0)
+
+
+def test_reply_posts_done_once_per_batch(named_semaphores):
+    buf, ctls, batch = blocks(2)
+    done, done_w = named_semaphores()
+    batch.arm(2, 4)
+    ctls[0].reply(batch, done_w, 11, _ring.ST_OK, 0, _ring.REQ_COUNTED, 4)
+    assert done.value == 0 and ctls[0].resp_seq == 11
+    ctls[1].reply(batch, done_w, 12, _ring.ST_OK, 0, _ring.REQ_COUNTED, 4)
+    assert done.value == 1 and batch.remaining == 0
+    ctls[1].reply(batch, done_w, 13, _ring.ST_OK, 0, 0, 0)  # not counted: always posts
+    assert done.value == 2
+
+
+def test_wait_request_spins_or_blocks_and_keeps_the_semaphore_bounded(named_semaphores):
+    buf, ctls, _ = blocks(1)
+    ctl = ctls[0]
+    sem, waiter = named_semaphores()
+    ctl.request(11, _ring.OP_STEP, 0)
+    sem.release()
+    assert ctl.wait_request(waiter, 10, 10**6, True) == 11
+    assert sem.value == 0  # the post the spin overtook was taken
+    ctl.request(12, _ring.OP_STEP, 0)
+    sem.release()
+    sem.release()  # a stale post too (a hint, never a count)
+    assert ctl.wait_request(waiter, 11, 0) == 12
+    assert sem.value == 1
+    ctl.request(13, _ring.OP_STEP, 0)  # the parent published, its post not yet made
+    assert ctl.wait_request(waiter, 12, 0) == 13 and sem.value == 0
+
+
+def test_wait_request_runs_signal_handlers_and_lets_their_exceptions_out(named_semaphores):
+    buf, ctls, _ = blocks(1)
+    _, waiter = named_semaphores()
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        if len(calls) == 2:
+            raise TimeoutError("deadline")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="deadline"):
+            ctls[0].wait_request(waiter, 10, 0)
+        assert calls == [signal.SIGALRM] * 2 and time.monotonic() - t0 < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
