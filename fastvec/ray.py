@@ -482,7 +482,7 @@ class RayVectorEnv(VectorEnv):
     def reset_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_RESET, "reset_wait", "reset_async")
         outs = self._collect(self._pending, timeout)
-        calls, self._pending = self._pending, {}
+        self._pending = {}
         self._state = State.DEFAULT
         seeds, options, mask = self._reset_args
         infos: dict = {}

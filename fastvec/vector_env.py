@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import logging
 import multiprocessing
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -31,10 +30,10 @@ from fastvec.batches import FirstReadyBatches
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesError,
                             FastVecError, InvalidActionError, NoAsyncCallError, RemoteTraceback,
                             SpaceMismatchError, WorkerFailure)
+from fastvec.infos import InfoColumns
 from fastvec.layout import Plan, check_actions, flatten, split_pickled, unflatten
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
-from fastvec.infos import InfoColumns
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
 from fastvec.supervisor import Failure, Slot, Supervisor
 

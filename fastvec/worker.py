@@ -23,7 +23,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
