@@ -208,7 +208,7 @@ class Supervisor:
                 and not any(s.failure is not None for s in self.slots)):
             self._check_watchdog()
             return []
-        return self.wait(self.slots, timeout)
+        return self.wait(self.slots, timeout, spin=False)  # spun already: sleep now
 
     def send(self, items: list) -> None:
         """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
@@ -381,14 +381,14 @@ class Supervisor:
                                "longer be detected; close this env and build a new one (and "
                                "report the log's traceback as a fastvec bug)")
 
-    def wait(self, slots: list[Slot], timeout: float | None) -> list[Slot]:
+    def wait(self, slots: list[Slot], timeout: float | None, spin: bool = True) -> list[Slot]:
         """Wait until every slot answered its expected seq or failed; returns the failed ones.
 
         Raises WaitTimeout when ``timeout`` runs out first; the requests stay pending.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem, spin = self.done_waiter, self.spin_ns
+        sem, spin = self.done_waiter, self.spin_ns if spin else 0
         self._drain()
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
