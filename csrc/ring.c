@@ -212,7 +212,7 @@ int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n) {
 }
 
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                         int yield_cpu) {
+                         int yield_cpu, int64_t block_ns) {
     uint64_t v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
     if (v != last) {
         /* Take the post that came with it (if it is there yet; if not, a later wait
@@ -220,11 +220,8 @@ uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin
         sem_trywait(s);
         return v;
     }
-    for (;;) {
-        if (sem_wait(s) != 0) return last; /* EINTR: the caller runs the signal handlers */
-        v = LOAD(&c->req_seq);
-        if (v != last) return v;
-    }
+    if (fv_sem_wait(s, block_ns) != FV_WAIT_OK) return last; /* timeout or signal */
+    return LOAD(&c->req_seq);
 }
 
 void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,

@@ -208,10 +208,12 @@ int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n);
 
 /* Worker: wait for a request newer than `last`: spin up to spin_ns on req_seq, then block
    on the request semaphore `s` (a wake-up hint: a post a spin overtook is taken here, a
-   stale one only repeats the wait). Returns the new req_seq, or `last` when a signal
-   interrupted the wait (the caller runs Python's handlers and calls again). */
+   stale one only repeats the wait) for at most block_ns. Returns the new req_seq, or
+   `last` when the time ran out or a signal came: the caller runs Python's signal handlers
+   and calls again. (A signal that lands while the spin runs interrupts no system call, so
+   the block is bounded: its handler runs within block_ns.) */
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                         int yield_cpu);
+                         int yield_cpu, int64_t block_ns);
 /* Worker: publish the reply to request `seq` and wake the parent if it is owed a wake-up
    (not counted, or this reply completed its batch). */
 void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,

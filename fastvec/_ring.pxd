@@ -96,7 +96,7 @@ cdef extern from "ring.h" nogil:
                         uint64_t spin_ns, int yield_cpu) noexcept
     int64_t fv_first_bad_status(fv_ctl **ctls, uint32_t n) noexcept
     uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                             int yield_cpu) noexcept
+                             int yield_cpu, int64_t block_ns) noexcept
     void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
                   uint64_t payload_len, uint32_t flags, uint32_t epoch) noexcept
     int fv_sem_wait(sem_t *s, int64_t timeout_ns) noexcept

@@ -121,16 +121,19 @@ cdef class Ctl:
     # -- worker side -------------------------------------------------------
     def wait_request(self, Waiter sem, uint64_t last, uint64_t spin_ns, bint yield_cpu=False):
         """Wait (spin, then block on ``sem``) for a request newer than ``last``; returns
-        its seq. Signal handlers run while waiting; their exceptions propagate."""
+        its seq. Signal handlers run while waiting (within 50 ms of the signal, even one
+        that lands during the spin); their exceptions propagate."""
         cdef fv_ctl *c = self._p()
         cdef uint64_t v
+        cdef uint64_t spin = spin_ns
         if sem.s == NULL:
             raise RingError("semaphore used after close()")
         while True:
             with nogil:
-                v = fv_wait_request(c, sem.s, last, spin_ns, yield_cpu)
+                v = fv_wait_request(c, sem.s, last, spin, yield_cpu, 50_000_000)
             if v != last:
                 return v
+            spin = 0  # spun once already: block from now on
             _run_signal_handlers()
 
     def reply(self, Batch batch, Waiter done, uint64_t seq, int status,

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -710,13 +711,39 @@ def test_wait_request_runs_signal_handlers_and_lets_their_exceptions_out(named_s
         if len(calls) == 2:
             raise TimeoutError("deadline")
 
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    old = signal.signal(signal.SIGUSR2, handler)  # SIGALRM belongs to pytest-timeout
+    timers = [threading.Timer(0.05 * k, os.kill, (os.getpid(), signal.SIGUSR2)) for k in (1, 2)]
     try:
         t0 = time.monotonic()
+        for t in timers:
+            t.start()
         with pytest.raises(TimeoutError, match="deadline"):
             ctls[0].wait_request(waiter, 10, 0)
-        assert calls == [signal.SIGALRM] * 2 and time.monotonic() - t0 < 5
+        assert calls == [signal.SIGUSR2] * 2 and time.monotonic() - t0 < 5
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        for t in timers:
+            t.join()
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_signal_that_lands_during_the_spin_still_reaches_its_handler(named_semaphores):
+    """A signal during the spin interrupts no system call: the blocking wait that follows
+    is bounded, so the handler runs (a retiring worker's SIGUSR1 landed there and waited
+    for a request that never came)."""
+    buf, ctls, _ = blocks(1)
+    _, waiter = named_semaphores()
+
+    def handler(signum, frame):
+        raise TimeoutError("handled")
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGUSR2))  # during the spin
+    try:
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(TimeoutError, match="handled"):
+            ctls[0].wait_request(waiter, 10, 300_000_000, True)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR2, old)
