@@ -484,6 +484,31 @@ def test_fast_vector_env(context):
         np.testing.assert_array_equal(a, b)
 
 
+@fire
+def test_fast_vector_env_step_pickles_no_info():
+    """burned_cells and sim_minutes get typed columns (fastvec/infos.py): after the first
+    steps, a step's reply carries nothing pickled, and the infos equal SyncVectorEnv's."""
+    from fastvec import FastVectorEnv
+    make = functools.partial(wildfire().WildfireEnv, size=16, max_steps=40)
+    sync = gym.vector.SyncVectorEnv([make, make])
+    vec = FastVectorEnv([make, make])
+    try:
+        sync.reset(seed=3)
+        vec.reset(seed=3)
+        actions = np.zeros((2, 3), np.int64)
+        for t in range(6):
+            actions[:, 0] = actions[:, 1] = t
+            expected, got = sync.step(actions), vec.step(actions)
+            for key in ("burned_cells", "sim_minutes"):
+                np.testing.assert_array_equal(got[4][key], expected[4][key])
+                assert got[4][key].dtype == expected[4][key].dtype
+        assert {"burned_cells", "sim_minutes"} <= set(vec._infos.keys)
+        assert [s.ctl.resp_payload_len for s in vec._sup.slots] == [0, 0]
+    finally:
+        vec.close()
+        sync.close()
+
+
 # -- without the extra ----------------------------------------------------------------------
 
 def test_import_error_names_the_extra():
