@@ -15,7 +15,7 @@ Throughput (env-steps/s) of each contender on each workload and number of envs:
 Every env replays the same episode (seed 0, same actions); "one env in-process" is the
 reference for efficiency = env-steps/s / (min(n, cores) x its rate). Then the survival run
 (survival.py): the same injected faults against AsyncVectorEnv and FastVectorEnv. Method:
-see harness.py (warm-up, round-robin repeats, medians with min/max, ratios against
+see measure.py (warm-up, round-robin repeats, medians with min/max, ratios against
 AsyncVectorEnv(shared_memory=True) from the same run; construction, reset and close are
 never timed). BLAS / OpenMP pools are pinned to one thread per process
 (``OPENBLAS_NUM_THREADS=1`` etc., set before numpy loads and inherited by the workers).
@@ -27,8 +27,6 @@ raised, FastVectorEnv died under faults) or processes or /dev/shm names were lef
 
 from __future__ import annotations
 
-import harness  # first: pins BLAS thread pools before numpy loads  # isort: skip
-
 import argparse
 import csv
 import os
@@ -36,10 +34,23 @@ import sys
 import time
 from pathlib import Path
 
-import survival
-import workloads
-from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Timing,
-                     add_ratios, fast, fast_ready, measure_cell, table)
+from blas_threads import pin_blas_threads
+
+if __name__ == "__main__":
+    # Before numpy loads (the imports below load it): otherwise each of N worker processes
+    # may start a BLAS pool of one thread per core and oversubscribe the cores being
+    # measured. Workers inherit the setting; see blas_threads.py.
+    pin_blas_threads()
+
+import survival  # noqa: E402
+import workloads  # noqa: E402
+from checkout import BENCH_DIR  # noqa: E402
+from contenders import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Contender,  # noqa: E402
+                        fast, fast_ready)
+from machine import CpuMeter, busy_warning, cpu_count, facts_line, machine_facts  # noqa: E402
+from measure import Progress, Timing, measure_cell  # noqa: E402
+from processes import leftover_report  # noqa: E402
+from report import add_ratios, cell_text, table, write_json  # noqa: E402
 
 CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
@@ -50,7 +61,7 @@ except ImportError:
     ray = None
 
 
-class RayContender(harness.Contender):
+class RayContender(Contender):
     """fastvec.ray.RayVectorEnv on a local one-node Ray: one actor holding a FastVectorEnv
     with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step."""
 
@@ -58,8 +69,8 @@ class RayContender(harness.Contender):
         if not ray.is_initialized():
             # Actors import the workloads module by name, as the fastvec workers do.
             os.environ["PYTHONPATH"] = os.pathsep.join(
-                [str(harness.BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-            ray.init(num_cpus=harness.cpu_count(), log_to_driver=False,
+                [str(BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            ray.init(num_cpus=cpu_count(), log_to_driver=False,
                      include_dashboard=False, logging_level="error")
         return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
 
@@ -95,7 +106,7 @@ def run(args) -> dict:
     total = (len(chosen) * len(args.num_envs) * len(CONTENDERS) * timing.repeats
              + len(kinds) * len(survival.CONTENDERS))
     data: dict = {
-        "machine": harness.machine_facts(),
+        "machine": machine_facts(),
         "config": {"quick": args.quick, "num_envs": args.num_envs, "timing": vars(timing),
                    "contenders": [c.describe() for c in CONTENDERS], "baseline": BASELINE,
                    "workloads": [w.describe() for w in chosen], "skipped": skipped,
@@ -104,14 +115,14 @@ def run(args) -> dict:
         "cells": [], "survival": [],
     }
     progress = Progress(total, not args.no_progress, "compare")
-    whole, meter = harness.CpuMeter(), harness.CpuMeter()
+    whole, meter = CpuMeter(), CpuMeter()
     try:
         for wl in chosen:
             for n in args.num_envs:
                 t0 = time.monotonic()
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
                                    f"{wl.name} n={n}", wl.min_steps)
-                add_ratios(res)
+                add_ratios(res, BASELINE)
                 for c in CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
                 data["cells"].append({"workload": wl.name, "num_envs": n, "results": res,
@@ -128,7 +139,7 @@ def run(args) -> dict:
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(
         [c["foreign_cpu_share"] for c in data["cells"]], default=0.0)
-    data["leftovers"] = harness.leftover_report()
+    data["leftovers"] = leftover_report()
     return data
 
 
@@ -149,8 +160,8 @@ def errors_of(data: dict) -> list[str]:
 
 def report(data: dict) -> str:
     m = data["machine"]
-    out = [f"compare   {harness.facts_line(m)}"]
-    warn = harness.busy_warning(m)
+    out = [f"compare   {facts_line(m)}"]
+    warn = busy_warning(m)
     if warn:
         out.append(warn)
     for s in data["config"]["skipped"]:
@@ -167,7 +178,7 @@ def report(data: dict) -> str:
             for cell in cells:
                 res = cell["results"][c.key]
                 eff = res.get("efficiency") if show_eff else None
-                row.append(harness.cell_text(res)
+                row.append(cell_text(res, BASELINE)
                            + ("" if eff is None else f" {100 * eff:.0f}%"))
             rows.append(row)
         heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CI run: fewer sizes, short repeats, short survival run")
-    p.add_argument("--out", default=str(harness.BENCH_DIR / "results"),
+    p.add_argument("--out", default=str(BENCH_DIR / "results"),
                    help="output directory (default: benchmarks/results)")
     p.add_argument("--num-envs", type=_ints, help="comma-separated (default 2,4,8; quick 2,8)")
     p.add_argument("--wildfire-sizes", type=_ints,
@@ -313,7 +324,7 @@ def main(argv=None) -> int:
     data["runtime_s"] = time.monotonic() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    harness.write_json(out / "compare.json", data)
+    write_json(out / "compare.json", data)
     write_csv(out / "compare.csv", data)
     plot_problem = write_plot(out / "compare.png", data)
     print(report(data))

@@ -21,22 +21,33 @@ Results: console tables and ``<out>/transport.json``.
 
 from __future__ import annotations
 
-import harness  # first: pins BLAS thread pools before numpy loads  # isort: skip
-
 import argparse
 import multiprocessing
 import os
 import secrets
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import posix_ipc
-import psutil
+from blas_threads import pin_blas_threads
 
-import workloads
-from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Timing,
-                     add_ratios, fast, fmt_rate, measure_cell, safe_close, table)
+if __name__ == "__main__":
+    # Before numpy loads (the imports below load it): otherwise each of N worker processes
+    # may start a BLAS pool of one thread per core and oversubscribe the cores being
+    # measured. Workers inherit the setting; see blas_threads.py.
+    pin_blas_threads()
+
+import numpy as np  # noqa: E402
+import posix_ipc  # noqa: E402
+import psutil  # noqa: E402
+
+import workloads  # noqa: E402
+from checkout import BENCH_DIR  # noqa: E402
+from contenders import ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, fast  # noqa: E402
+from machine import CpuMeter, busy_warning, cpu_count, facts_line, machine_facts  # noqa: E402
+from measure import Progress, Timing, measure_cell, step_latencies_ns, summary  # noqa: E402
+from processes import leftover_report, safe_close, worker_pids  # noqa: E402
+from report import add_ratios, cell_text, exc_text, fmt_rate, table, write_json  # noqa: E402
 
 SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
 CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
@@ -141,16 +152,16 @@ def measure_latency(repeats: int, steps: int, progress: Progress) -> dict:
         try:
             live["sem_pingpong"] = SemPingPong()
         except Exception as exc:  # noqa: BLE001
-            out["errors"]["sem_pingpong"] = harness.exc_text(exc)
+            out["errors"]["sem_pingpong"] = exc_text(exc)
         for key, c in contenders.items():
             try:
                 env = live[key] = c.build(wl.env_fns(1))
                 env.reset(seed=0)
             except Exception as exc:  # noqa: BLE001
-                out["errors"][key] = harness.exc_text(exc)
+                out["errors"][key] = exc_text(exc)
                 if key in live:
                     safe_close(live.pop(key), terminate=True)
-        kids = {k: ({env.proc.pid} if isinstance(env, SemPingPong) else harness.worker_pids(env))
+        kids = {k: ({env.proc.pid} if isinstance(env, SemPingPong) else worker_pids(env))
                 for k, env in live.items()}
         actions = [np.zeros(1, np.int64)]
         order = list(live)
@@ -160,14 +171,14 @@ def measure_latency(repeats: int, steps: int, progress: Progress) -> dict:
                 for pid in pids:
                     _pin(pid, child_cpus or all_cpus)
             for env in live.values():  # warm-up in this placement
-                harness.step_latencies_ns(env, actions, max(100, steps // 5))
+                step_latencies_ns(env, actions, max(100, steps // 5))
             samples: dict = {k: [] for k in order}
             for r in range(repeats):
                 for key in order[r % len(order):] + order[:r % len(order)]:
-                    lat = harness.step_latencies_ns(live[key], actions, steps)
+                    lat = step_latencies_ns(live[key], actions, steps)
                     samples[key].append(float(np.median(lat)) / 1e3)
                     progress.update(1, f"latency {name}")
-            out[name] = {key: harness.summary(vals) for key, vals in samples.items()}
+            out[name] = {key: summary(vals) for key, vals in samples.items()}
     finally:
         os.sched_setaffinity(0, all_cpus)
         for env in live.values():
@@ -204,19 +215,19 @@ def parallel_ceiling(wl, procs: int, seconds: float) -> float:
 # -- the run ---------------------------------------------------------------------------------------
 
 def run(args) -> dict:
-    cores = harness.cpu_count()
+    cores = cpu_count()
     timing = Timing(repeats=args.repeats, repeat_s=args.repeat_s, warmup_s=args.warmup_s)
     nums = args.num_envs
     lat_reps, lat_steps = (3, 300) if args.quick else (5, 1000)
     total = ((len(SHAPES) * len(nums) + 1) * len(CONTENDERS) * timing.repeats + timing.repeats
              + 5 * lat_reps * len(placements()))
     progress = Progress(total, not args.no_progress, "transport")
-    data: dict = {"machine": harness.machine_facts(),
+    data: dict = {"machine": machine_facts(),
                   "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
                              "contenders": [c.describe() for c in CONTENDERS],
                              "baseline": BASELINE, "targets_vs_baseline": TARGETS},
                   "noop": [], "cpu_bound": {}, "latency": {}}
-    whole, meter = harness.CpuMeter(), harness.CpuMeter()
+    whole, meter = CpuMeter(), CpuMeter()
     shares = []
     try:
         for shape, dtype in SHAPES:
@@ -224,7 +235,7 @@ def run(args) -> dict:
             for n in nums:
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
                                    f"{wl.name} n={n}")
-                add_ratios(res)
+                add_ratios(res, BASELINE)
                 for c in CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
                 shares.append(meter.foreign_share())
@@ -237,7 +248,7 @@ def run(args) -> dict:
         res = measure_cell(lambda: cpu.env_fns(n), [SINGLE] + CONTENDERS, timing, progress,
                            "cpu n=8")
         rate1 = res[SINGLE.key].get("sps", {}).get("median")
-        add_ratios(res)
+        add_ratios(res, BASELINE)
         for c in CONTENDERS:
             med = res[c.key].get("sps", {}).get("median")
             res[c.key]["workers"] = c.workers(n)
@@ -255,7 +266,7 @@ def run(args) -> dict:
         progress.close()
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(shares, default=0.0)
-    data["leftovers"] = harness.leftover_report()
+    data["leftovers"] = leftover_report()
     data["leftovers"]["bench_semaphores"] = [
         n for n in os.listdir("/dev/shm") if n.startswith(f"sem.fvbench{os.getpid()}_")]
     return data
@@ -280,8 +291,8 @@ def errors_of(data: dict) -> list[str]:
 
 
 def report(data: dict) -> str:
-    out = [f"transport benchmark   {harness.facts_line(data['machine'])}"]
-    warn = harness.busy_warning(data["machine"])
+    out = [f"transport benchmark   {facts_line(data['machine'])}"]
+    warn = busy_warning(data["machine"])
     if warn:
         out.append(warn)
     out.append("")
@@ -297,7 +308,7 @@ def report(data: dict) -> str:
         for c in CONTENDERS:
             row = [labels[c.key]]
             for cell in cells:
-                row.append(harness.cell_text(cell["results"][c.key]))
+                row.append(cell_text(cell["results"][c.key], BASELINE))
             rows.append(row)
         heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
                  for c in cells]
@@ -360,7 +371,7 @@ def report(data: dict) -> str:
         for c in CONTENDERS:
             res = cpu["results"][c.key]
             eff, vs = res.get("efficiency"), res.get("vs_parallel_ceiling")
-            rows.append([labels[c.key], harness.cell_text(res),
+            rows.append([labels[c.key], cell_text(res, BASELINE),
                          "-" if eff is None else
                          f"{100 * eff:.1f}% {'PASS' if eff >= 0.95 else 'FAIL'}",
                          "-" if vs is None else f"{100 * vs:.1f}%"])
@@ -407,7 +418,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short repeats, 2 and 16 envs only")
-    p.add_argument("--out", default=str(harness.BENCH_DIR / "results"),
+    p.add_argument("--out", default=str(BENCH_DIR / "results"),
                    help="output directory (default: benchmarks/results)")
     p.add_argument("--repeats", type=int, help="timed repeats per contender")
     p.add_argument("--repeat-s", type=float, help="seconds per timed repeat")
@@ -426,7 +437,7 @@ def main(argv=None) -> int:
     data = run(args)
     data["runtime_s"] = time.monotonic() - t0
     out = os.path.join(args.out, "transport.json")
-    harness.write_json(harness.Path(out), data)
+    write_json(Path(out), data)
     print(report(data))
     errs = errors_of(data)
     for e in errs:
