@@ -1,4 +1,8 @@
-"""What a benchmark prints and writes: console tables, rates, ratios, JSON."""
+"""What a benchmark prints and writes: console tables, rates, ratios, JSON.
+
+Numbers are reported as measured (medians with min and max, ratios, efficiencies); whether
+they meet a target is for the issue that sets the target, not for this code to decide.
+"""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Three parts, all measured in one run so their ratios compare like with like:
    posix_ipc semaphore ping-pong between two processes (the floor of one request and one
    reply), measured alternately in the same run.
 
-Results: console tables and ``<out>/transport.json``.
+Ratios and efficiencies are reported as measured: targets belong to the issue that sets
+them, not to this script. Results: console tables and ``<out>/transport.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from report import add_ratios, cell_text, exc_text, fmt_rate, table, write_json 
 
 SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
 CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
-TARGETS = {"fast_k1": 3.0, "fast_k4": 5.0, "fast_k4_nocopy": 10.0}  # x Async(shm)
 
 
 # -- the semaphore ping-pong floor --------------------------------------------------------------
@@ -225,7 +225,7 @@ def run(args) -> dict:
     data: dict = {"machine": machine_facts(),
                   "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
                              "contenders": [c.describe() for c in CONTENDERS],
-                             "baseline": BASELINE, "targets_vs_baseline": TARGETS},
+                             "baseline": BASELINE},
                   "noop": [], "cpu_bound": {}, "latency": {}}
     whole, meter = CpuMeter(), CpuMeter()
     shares = []
@@ -328,24 +328,13 @@ def report(data: dict) -> str:
             rows.append(row)
         out.append(table(["contender"] + [f"n={c['num_envs']}" for c in big], rows))
 
-    out += ["", "targets (median ratio vs Async shm, every obs size and num_envs):"]
-    rows = []
-    for cell in data["noop"]:
-        row = [f"{cell['workload']['name']} n={cell['num_envs']}"]
-        for key, need in TARGETS.items():
-            ratio = cell["results"][key].get("ratio_vs_" + BASELINE)
-            row.append("-" if ratio is None else
-                       f"{ratio:.2f}x {'PASS' if ratio >= need else 'FAIL'}")
-        rows.append(row)
-    out.append(table(["cell"] + [f"{labels[k]} >={v:g}x" for k, v in TARGETS.items()], rows))
-
     nums = sorted({c["num_envs"] for c in data["noop"]})
     cores = data["machine"]["cores"]
     if len(nums) > 1:
         lo, hi = nums[0], nums[-1]
-        out += ["", f"busy-wait check: fastvec k=1 with {hi} workers vs {lo} workers on {cores} "
-                    "cores (a design that spins collapses ~100x with more workers than cores); "
-                    "the verdict is on the (4,) obs, where a step is nothing but wake-ups:"]
+        out += ["", f"more workers than cores: fastvec k=1 with {hi} workers vs {lo} workers on "
+                    f"{cores} cores (a design that busy-waits collapses ~100x there; on the (4,) "
+                    "obs a step is nothing but wake-ups):"]
         for cell_lo in [c for c in data["noop"] if c["num_envs"] == lo]:
             name = cell_lo["workload"]["name"]
             cell_hi = next(c for c in data["noop"]
@@ -353,10 +342,8 @@ def report(data: dict) -> str:
             a = cell_lo["results"]["fast_k1"].get("sps", {}).get("median")
             b = cell_hi["results"]["fast_k1"].get("sps", {}).get("median")
             if a and b:
-                verdict = ("PASS" if b / a >= 0.5 else "FAIL") if name == "noop_4_float32" \
-                    else "(information)"
                 out.append(f"  {name}: {fmt_rate(a)} -> {fmt_rate(b)} env-steps/s "
-                           f"({b / a:.2f}x) {verdict}")
+                           f"({b / a:.2f}x)")
 
     cpu = data["cpu_bound"]
     if cpu:
@@ -372,11 +359,10 @@ def report(data: dict) -> str:
             res = cpu["results"][c.key]
             eff, vs = res.get("efficiency"), res.get("vs_parallel_ceiling")
             rows.append([labels[c.key], cell_text(res, BASELINE),
-                         "-" if eff is None else
-                         f"{100 * eff:.1f}% {'PASS' if eff >= 0.95 else 'FAIL'}",
+                         "-" if eff is None else f"{100 * eff:.1f}%",
                          "-" if vs is None else f"{100 * vs:.1f}%"])
-        out.append(table(["contender", "env-steps/s", "efficiency (>= 95%)",
-                          "of measured ceiling"], rows))
+        out.append(table(["contender", "env-steps/s", "efficiency", "of measured ceiling"],
+                         rows))
         if cpu.get("foreign_cpu_share", 0) > 0.1:
             out.append(f"* other processes used {100 * cpu['foreign_cpu_share']:.0f}% of the "
                        "CPU during this part")
@@ -409,8 +395,7 @@ def report(data: dict) -> str:
             f = lat[name].get("fast_k1", {}).get("median")
             pp = lat[name].get("sem_pingpong", {}).get("median")
             if f and pp:
-                out.append(f"{name}: fastvec k=1 round trip / (2 x ping-pong) = "
-                           f"{f / (2 * pp):.2f} {'PASS' if f <= 2 * pp else 'FAIL'} (<= 1)")
+                out.append(f"{name}: fastvec k=1 round trip / (2 x ping-pong) = {f / (2 * pp):.2f}")
     return "\n".join(out)
 
 
