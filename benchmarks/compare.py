@@ -52,7 +52,8 @@ from measure import Progress, Timing, measure_cell  # noqa: E402
 from processes import leftover_report  # noqa: E402
 from report import add_ratios, cell_text, table, write_json  # noqa: E402
 
-CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
+# SINGLE, one env in-process, is measured in every cell as the reference (see measure.py)
+CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
 try:  # the Ray backend joins when the [ray] extra is installed
     import ray
@@ -103,12 +104,13 @@ def run(args) -> dict:
         print(f"skipping {s['workload']}: {s['reason']}\n  (install the fire extra, "
               f"pip install \"fastvec[fire]\", to include it)", file=sys.stderr)
     kinds = args.faults
-    total = (len(chosen) * len(args.num_envs) * len(CONTENDERS) * timing.repeats
+    total = (len(chosen) * len(args.num_envs) * (len(CONTENDERS) + 1) * timing.repeats
              + len(kinds) * len(survival.CONTENDERS))
     data: dict = {
         "machine": machine_facts(),
         "config": {"quick": args.quick, "num_envs": args.num_envs, "timing": vars(timing),
                    "contenders": [c.describe() for c in CONTENDERS], "baseline": BASELINE,
+                   "reference": SINGLE.describe(),
                    "workloads": [w.describe() for w in chosen], "skipped": skipped,
                    "survival": {"faults": kinds, "budget_s": args.survival_budget_s,
                                 "period": args.survival_period, "num_envs": 4}},
@@ -121,9 +123,9 @@ def run(args) -> dict:
             for n in args.num_envs:
                 t0 = time.monotonic()
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
-                                   f"{wl.name} n={n}", wl.min_steps)
+                                   f"{wl.name} n={n}", wl.min_steps, reference=True)
                 add_ratios(res, BASELINE)
-                for c in CONTENDERS:
+                for c in [SINGLE] + CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
                 data["cells"].append({"workload": wl.name, "num_envs": n, "results": res,
                                       "foreign_cpu_share": meter.foreign_share(),
@@ -166,21 +168,21 @@ def report(data: dict) -> str:
         out.append(warn)
     for s in data["config"]["skipped"]:
         out.append(f"skipped {s['workload']}: {s['reason']}")
-    out.append("env-steps/s: median [min-max] of repeats (x vs gym Async shm); every env "
-               "replays the same episode (seed 0, same actions). Except on the no-op env, also "
-               f"efficiency = median / (min(n, {m['cores']} cores) x one env in-process)")
+    out.append(
+        "env-steps/s: median [min-max] of repeats (x vs gym Async shm), then efficiency = "
+        f"median / (min(n, {m['cores']} cores) x one env in-process), the reference measured "
+        "in every round of the same cell (median of its samples). Every env replays the same "
+        "episode (seed 0, same actions). On the no-op env a step in-process costs next to "
+        "nothing, so efficiency there only restates the transport cost: it is in the JSON and "
+        "CSV, not below.")
     for wl in dict.fromkeys(c["workload"] for c in data["cells"]):
         cells = [c for c in data["cells"] if c["workload"] == wl]
         show_eff = not wl.startswith("noop")
-        rows = []
+        rows = [[SINGLE.label + " (reference)"]
+                + [cell_text(cell["results"][SINGLE.key]) for cell in cells]]
         for c in CONTENDERS:
-            row = [c.label]
-            for cell in cells:
-                res = cell["results"][c.key]
-                eff = res.get("efficiency") if show_eff else None
-                row.append(cell_text(res, BASELINE)
-                           + ("" if eff is None else f" {100 * eff:.0f}%"))
-            rows.append(row)
+            rows.append([c.label] + [cell_text(cell["results"][c.key], BASELINE, show_eff)
+                                     for cell in cells])
         heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
                  for c in cells]
         out += ["", wl, table(["contender"] + heads, rows)]
@@ -195,15 +197,18 @@ def report(data: dict) -> str:
 
 CSV_FIELDS = ["workload", "num_envs", "contender", "label", "envs_per_worker", "copy",
               "workers", "median_sps", "min_sps", "max_sps", "repeats", "steps_per_repeat",
-              "ratio_vs_" + BASELINE, "efficiency", "error"]
+              "ratio_vs_" + BASELINE, "efficiency", "efficiency_cores", "reference_median_sps",
+              "error"]
 
 
 def write_csv(path: Path, data: dict) -> None:
-    labels = {c.key: c for c in CONTENDERS}
+    """One row per contender and cell; the reference's row has key ``single``."""
+    labels = {c.key: c for c in [SINGLE] + CONTENDERS}
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         for cell in data["cells"]:
+            ref = cell["results"].get(SINGLE.key, {}).get("sps", {}).get("median")
             for key, res in cell["results"].items():
                 c = labels[key]
                 s = res.get("sps", {})
@@ -216,7 +221,9 @@ def write_csv(path: Path, data: dict) -> None:
                     "max_sps": s.get("max"), "repeats": len(s.get("values", [])),
                     "steps_per_repeat": res.get("steps_per_repeat"),
                     "ratio_vs_" + BASELINE: res.get("ratio_vs_" + BASELINE),
-                    "efficiency": res.get("efficiency"), "error": res.get("error", ""),
+                    "efficiency": res.get("efficiency"),
+                    "efficiency_cores": res.get("efficiency_cores"),
+                    "reference_median_sps": ref, "error": res.get("error", ""),
                 })
 
 
@@ -242,8 +249,6 @@ def write_plot(path: Path, data: dict) -> str | None:
             if pts:
                 top.plot(*zip(*pts), color="grey", ls=":", label="ideal (cores x one env)")
         for c in CONTENDERS:
-            if c is SINGLE:
-                continue
             xs, med, lo, hi, ratio = [], [], [], [], []
             for cell in cells:
                 res = cell["results"][c.key]

@@ -1,18 +1,21 @@
-"""How a cell is timed: warm-up, round-robin repeats, medians, the one-env reference.
+"""How a cell is timed: warm-up, round-robin repeats, the one-env reference, medians.
 
-Method, shared by transport.py and compare.py (see ``measure_cell``):
+Method, shared by compare.py and transport.py (see :func:`measure_cell`):
 
 * every contender of a cell is built, reset and warmed up before anything is timed; env
   construction, reset and close are never inside a timed section;
-* the timed repeats are round-robin: repeat r runs every contender once, in an order
+* the timed repeats are round-robin: round r runs every contender once, in an order
   rotated by r, so slow drift of the machine hits all contenders alike;
 * every env of every contender does the same work: each repeat starts from
   ``reset(seed=0)`` for every env (not timed), and every env takes the same pre-drawn
   action sequence, so a deterministic env (the wildfire) replays one and the same episode
   everywhere; a repeat is the same number of steps for all contenders, chosen from the
   warm-up so that the slowest one's repeat lasts about ``repeat_s``;
-* the reference is one env stepped in the benchmark process, measured in the same rounds:
-  efficiency = env-steps/s / (min(num_envs, cores) x its steps/s);
+* the reference, one env stepped in the benchmark process (``contenders.SINGLE``), takes
+  part in every round like a contender, replaying the same steps; its sample is several
+  such replays, so that it too lasts about ``repeat_s`` (one replay of a no-op episode
+  takes well under a millisecond, too short to time). Efficiency =
+  env-steps/s / (min(num_envs, cores) x the median of the reference's samples);
 * a result is the median over repeats of env-steps per second, with min and max.
 """
 
@@ -37,6 +40,9 @@ try:
     from tqdm import tqdm as _tqdm
 except ImportError:  # progress bars are a nicety
     _tqdm = None
+
+MAX_REFERENCE_PASSES = 1000
+
 
 @dataclass
 class Timing:
@@ -110,26 +116,33 @@ class Progress:
 
 
 def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
-                 timing: Timing, progress: Progress | None = None,
-                 note: str = "", min_steps: int = 0) -> dict[str, dict]:
+                 timing: Timing, progress: Progress | None = None, note: str = "",
+                 min_steps: int = 0, reference: bool = True) -> dict[str, dict]:
     """Throughput of each contender on one (workload, num_envs) cell.
 
-    Every env of every contender does the same work: each repeat starts from
-    ``reset(seed=0)`` for every env (not timed) and every env takes the same action
-    sequence, so a deterministic env replays one and the same episode everywhere; the
-    ``SINGLE`` contender (one env stepped in this process) is the reference for
-    ``efficiency`` = env-steps/s / (min(num_envs, cores) x its env-steps/s). The step count
-    makes the slowest contender's repeat last about ``repeat_s`` (and at least
-    ``min_steps``).
+    ``reference``: also measure ``SINGLE`` (one env in this process) in every round, and
+    give each contender ``efficiency`` = median env-steps/s / (min(num_envs, cores) x the
+    reference's median). Every contender's repeat is the same number of steps, sized so
+    the slowest lasts about ``repeat_s`` (and at least ``min_steps``).
 
-    Returns ``{contender key: result}``; a result has ``sps`` (env-steps/s summary) or
-    ``error`` (the contender failed to build, reset, step or close).
+    Returns ``{key: result}`` for the contenders and, with ``reference``, for
+    ``SINGLE.key``; a result has ``sps`` (env-steps/s summary) or ``error`` (the
+    contender failed to build, reset, step or close). Progress advances once per timed
+    sample (``timing.repeats`` per contender and for the reference).
     """
-    results: dict[str, dict] = {c.key: {"contender": c.key} for c in contenders}
+    entries = ([SINGLE] if reference else []) + [c for c in contenders if c is not SINGLE]
+    results: dict[str, dict] = {c.key: {"contender": c.key} for c in entries}
+    if reference:
+        results[SINGLE.key]["reference"] = True
     live: dict[str, Any] = {}
     per_step: dict[str, float] = {}
     acts: dict[str, list] = {}
-    singles = batches = None
+    fns = make_env_fns()
+    probe = fns[0]()
+    try:
+        singles, batches = action_batches(probe.action_space, len(fns), 64)
+    finally:
+        probe.close()
 
     def fail(key: str, stage: str, exc: BaseException) -> None:
         results[key]["error"] = f"{stage}: {exc_text(exc)}"
@@ -137,20 +150,13 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
             safe_close(live.pop(key), terminate=True)
 
     try:
-        for c in contenders:
+        for c in entries:
             try:
                 env = live[c.key] = c.build(make_env_fns())
             except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
                 fail(c.key, "build", exc)
                 continue
             try:
-                if singles is None:
-                    fns = make_env_fns()
-                    probe = fns[0]()
-                    try:
-                        singles, batches = action_batches(probe.action_space, len(fns), 64)
-                    finally:
-                        probe.close()
                 acts[c.key] = singles if isinstance(env, InProcessEnv) else batches
                 env.reset(seed=[0] * env.num_envs)
                 n, spent = 1, run_steps(env, acts[c.key], 1)
@@ -160,47 +166,74 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
                 per_step[c.key] = spent / n
             except Exception as exc:  # noqa: BLE001
                 fail(c.key, "warm-up", exc)
-        order = [c.key for c in contenders if c.key in live]
-        steps = 0
-        if order:
-            slowest = max(per_step[k] for k in order)
-            steps = int(min(timing.max_steps, max(timing.min_steps, min_steps,
-                                                  timing.repeat_s / slowest)))
+        order = [c.key for c in entries if c.key in live]
+        steps, passes = _plan(order, per_step, timing, min_steps,
+                              SINGLE.key if reference else None)
         samples: dict[str, list[float]] = {k: [] for k in order}
         faults = {k: 0 for k in order}
         for r in range(timing.repeats):
             shift = r % len(order) if order else 0
             for key in order[shift:] + order[:shift]:
-                if key not in live:
-                    continue
-                env = live[key]
-                try:
-                    env.reset(seed=[0] * env.num_envs)  # untimed: the same episode every time
-                    f0 = _minflt()
-                    dt = run_steps(env, acts[key], steps)
-                    faults[key] += _minflt() - f0
-                    samples[key].append(steps * env.num_envs / dt)
-                except Exception as exc:  # noqa: BLE001
-                    fail(key, "step", exc)
+                if key in live:
+                    env = live[key]
+                    try:
+                        dt = 0.0
+                        f0 = _minflt()
+                        for _ in range(passes[key]):
+                            env.reset(seed=[0] * env.num_envs)  # untimed: the same episode
+                            dt += run_steps(env, acts[key], steps[key])
+                        faults[key] += _minflt() - f0
+                        samples[key].append(passes[key] * steps[key] * env.num_envs / dt)
+                    except Exception as exc:  # noqa: BLE001
+                        fail(key, "step", exc)
                 if progress is not None:
                     progress.update(1, note)
         for key, vals in samples.items():
-            if vals and "error" not in results[key]:
-                results[key]["sps"] = summary(vals)
-                results[key]["steps_per_repeat"] = steps
+            res = results[key]
+            if vals and "error" not in res:
+                res["sps"] = summary(vals)
+                res["steps_per_repeat"] = steps[key] * passes[key]
+                if passes[key] > 1:
+                    res["replays_per_repeat"] = passes[key]
                 # Page faults of this (parent) process per vector step: fresh memory touched
                 # on every step shows up here (it is slow in VMs).
-                results[key]["parent_minor_faults_per_step"] = faults[key] / (steps * len(vals))
-        ref = results.get(SINGLE.key, {}).get("sps", {}).get("median")
-        cores = cpu_count()
-        for key, res in results.items():
-            med = res.get("sps", {}).get("median")
-            n = getattr(live.get(key), "num_envs", None)
-            if ref and med and n:
-                res["efficiency"] = med / (min(n, cores) * ref)
+                res["parent_minor_faults_per_step"] = faults[key] / (
+                    steps[key] * passes[key] * len(vals))
+        if reference:
+            _add_efficiency(results, live)
     finally:
         for key, env in list(live.items()):
             problem = safe_close(env)
             if problem and "error" not in results[key]:
                 results[key]["error"] = f"close: {problem}"
     return results
+
+
+def _plan(order: list[str], per_step: dict[str, float], timing: Timing, min_steps: int,
+          ref: str | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Steps per replay and replays per timed sample, for each key in ``order``."""
+    def clamp(x: float) -> int:
+        return int(min(timing.max_steps, max(timing.min_steps, min_steps, x)))
+
+    racers = [k for k in order if k != ref] or order
+    slowest = max((per_step[k] for k in racers), default=1.0)
+    steps = dict.fromkeys(order, clamp(timing.repeat_s / slowest))
+    passes = dict.fromkeys(order, 1)
+    if ref in steps:
+        # The reference replays the same steps as the contenders; repeat the replay until
+        # its sample is as long as theirs.
+        want = timing.repeat_s / (steps[ref] * per_step[ref])
+        passes[ref] = max(1, min(MAX_REFERENCE_PASSES, round(want)))
+    return steps, passes
+
+
+def _add_efficiency(results: dict[str, dict], live: dict[str, Any]) -> None:
+    """efficiency = median env-steps/s / (min(num_envs, cores) x the reference's median)."""
+    ref = results.get(SINGLE.key, {}).get("sps", {}).get("median")
+    cores = cpu_count()
+    for key, res in results.items():
+        med = res.get("sps", {}).get("median")
+        n = getattr(live.get(key), "num_envs", None)
+        if key != SINGLE.key and ref and med and n:
+            res["efficiency"] = med / (min(n, cores) * ref)
+            res["efficiency_cores"] = min(n, cores)

@@ -11,7 +11,8 @@ Three parts, all measured in one run so their ratios compare like with like:
    FastVectorEnv k=1 at 16 envs runs 16 workers on the machine's cores: a vectorizer that
    busy-waits collapses there; one that blocks does not.
 2. CPU-bound env (about 1 ms of Python per step) at 8 envs: efficiency =
-   throughput / (cores x rate of one env stepped in this process).
+   throughput / (cores x rate of one env stepped in this process), that env measured in
+   every round of the same cell (as compare.py does; see measure.py).
 3. single-env round trip: median wall time of one step() with one env, next to a bare
    posix_ipc semaphore ping-pong between two processes (the floor of one request and one
    reply), measured alternately in the same run.
@@ -48,7 +49,8 @@ from contenders import ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, fast  # no
 from machine import CpuMeter, busy_warning, cpu_count, facts_line, machine_facts  # noqa: E402
 from measure import Progress, Timing, measure_cell, step_latencies_ns, summary  # noqa: E402
 from processes import leftover_report, safe_close, worker_pids  # noqa: E402
-from report import add_ratios, cell_text, exc_text, fmt_rate, table, write_json  # noqa: E402
+from report import (add_ratios, cell_text, exc_text, fmt_rate, fmt_share, table,  # noqa: E402
+                    write_json)
 
 SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
 CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
@@ -203,7 +205,12 @@ def parallel_ceiling(wl, procs: int, seconds: float) -> float:
         pipes.append(r)
         ps.append(p)
     try:
-        return sum(r.recv() for r in pipes)
+        rates = []
+        for r in pipes:
+            if not r.poll(seconds + 30):  # every wait has a deadline
+                raise TimeoutError(f"a ceiling process did not report within {seconds + 30:g} s")
+            rates.append(r.recv())
+        return sum(rates)
     finally:
         for p in ps:
             p.join(10)
@@ -219,13 +226,13 @@ def run(args) -> dict:
     timing = Timing(repeats=args.repeats, repeat_s=args.repeat_s, warmup_s=args.warmup_s)
     nums = args.num_envs
     lat_reps, lat_steps = (3, 300) if args.quick else (5, 1000)
-    total = ((len(SHAPES) * len(nums) + 1) * len(CONTENDERS) * timing.repeats + timing.repeats
-             + 5 * lat_reps * len(placements()))
+    total = (len(SHAPES) * len(nums) * len(CONTENDERS) * timing.repeats
+             + (len(CONTENDERS) + 1) * timing.repeats + 5 * lat_reps * len(placements()))
     progress = Progress(total, not args.no_progress, "transport")
     data: dict = {"machine": machine_facts(),
                   "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
                              "contenders": [c.describe() for c in CONTENDERS],
-                             "baseline": BASELINE},
+                             "baseline": BASELINE, "reference": SINGLE.describe()},
                   "noop": [], "cpu_bound": {}, "latency": {}}
     whole, meter = CpuMeter(), CpuMeter()
     shares = []
@@ -234,7 +241,7 @@ def run(args) -> dict:
             wl = workloads.noop(shape, dtype)
             for n in nums:
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
-                                   f"{wl.name} n={n}")
+                                   f"{wl.name} n={n}", reference=False)
                 add_ratios(res, BASELINE)
                 for c in CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
@@ -245,9 +252,8 @@ def run(args) -> dict:
         cpu = workloads.cpu_bound(1.0)
         ceiling = parallel_ceiling(cpu, cores, 0.5 if args.quick else 1.0)
         n = 8
-        res = measure_cell(lambda: cpu.env_fns(n), [SINGLE] + CONTENDERS, timing, progress,
-                           "cpu n=8")
-        rate1 = res[SINGLE.key].get("sps", {}).get("median")
+        res = measure_cell(lambda: cpu.env_fns(n), CONTENDERS, timing, progress, "cpu n=8",
+                           reference=True)
         add_ratios(res, BASELINE)
         for c in CONTENDERS:
             med = res[c.key].get("sps", {}).get("median")
@@ -255,8 +261,8 @@ def run(args) -> dict:
             res[c.key]["vs_parallel_ceiling"] = med / ceiling if med else None
         shares.append(meter.foreign_share())
         data["cpu_bound"] = {"workload": cpu.describe(), "num_envs": n, "cores": cores,
-                             "single_env_rate": rate1, "parallel_ceiling": ceiling,
-                             "results": res,
+                             "single_env_rate": res[SINGLE.key].get("sps", {}).get("median"),
+                             "parallel_ceiling": ceiling, "results": res,
                              "foreign_cpu_share": shares[-1]}
 
         data["latency"] = measure_latency(lat_reps, lat_steps, progress)
@@ -347,20 +353,21 @@ def report(data: dict) -> str:
 
     cpu = data["cpu_bound"]
     if cpu:
+        ref = cpu["results"].get(SINGLE.key, {})
+        rate = cpu["single_env_rate"] or 0
         out += ["", f"CPU-bound env ({cpu['workload']['kwargs']['ms']:g} ms/step, "
                     f"{cpu['workload']['kwargs']['iters']} iterations), {cpu['num_envs']} envs, "
-                    f"{cpu['cores']} cores. One env in-process (same rounds): "
-                    f"{cpu['single_env_rate'] or 0:.0f} steps/s, so cores x that = "
-                    f"{cpu['cores'] * (cpu['single_env_rate'] or 0):.0f}; "
-                    f"{cpu['cores']} processes stepping one env each, measured: "
+                    f"{cpu['cores']} cores. One env in-process, measured in every round: "
+                    f"{cell_text(ref)} steps/s, so {min(cpu['num_envs'], cpu['cores'])} x its "
+                    f"median = {min(cpu['num_envs'], cpu['cores']) * rate:.0f}; {cpu['cores']} "
+                    f"processes stepping one env each, measured once before the rounds: "
                     f"{cpu['parallel_ceiling']:.0f}"]
         rows = []
         for c in CONTENDERS:
             res = cpu["results"][c.key]
-            eff, vs = res.get("efficiency"), res.get("vs_parallel_ceiling")
+            vs = res.get("vs_parallel_ceiling")
             rows.append([labels[c.key], cell_text(res, BASELINE),
-                         "-" if eff is None else f"{100 * eff:.1f}%",
-                         "-" if vs is None else f"{100 * vs:.1f}%"])
+                         fmt_share(res.get("efficiency")), fmt_share(vs)])
         out.append(table(["contender", "env-steps/s", "efficiency", "of measured ceiling"],
                          rows))
         if cpu.get("foreign_cpu_share", 0) > 0.1:
