@@ -140,6 +140,11 @@ class FirstReady:
             self.env.recv()
         self._primed = False
 
+    def park(self) -> None:
+        """Collect the steps still in flight after a timed sample (untimed): left running,
+        they would take cores from whichever contender is timed next."""
+        self._drain()
+
     def worker_pids(self) -> set[int]:
         return processes.worker_pids(self.env)
 

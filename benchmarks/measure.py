@@ -16,6 +16,8 @@ Method, shared by compare.py and transport.py (see :func:`measure_cell`):
   such replays, so that it too lasts about ``repeat_s`` (one replay of a no-op episode
   takes well under a millisecond, too short to time). Efficiency =
   env-steps/s / (min(num_envs, cores) x the median of the reference's samples);
+* a contender that leaves work running after a timed sample (first-ready keeps every env
+  stepping) finishes it untimed (``park()``) before the next contender is timed;
 * a result is the median over repeats of env-steps per second, with min and max.
 """
 
@@ -164,6 +166,7 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
                     spent += run_steps(env, acts[c.key], n)
                     n *= 2
                 per_step[c.key] = spent / n
+                _park(env)
             except Exception as exc:  # noqa: BLE001
                 fail(c.key, "warm-up", exc)
         order = [c.key for c in entries if c.key in live]
@@ -184,6 +187,7 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
                             dt += run_steps(env, acts[key], steps[key])
                         faults[key] += _minflt() - f0
                         samples[key].append(passes[key] * steps[key] * env.num_envs / dt)
+                        _park(env)
                     except Exception as exc:  # noqa: BLE001
                         fail(key, "step", exc)
                 if progress is not None:
@@ -207,6 +211,14 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
             if problem and "error" not in results[key]:
                 results[key]["error"] = f"close: {problem}"
     return results
+
+
+def _park(env) -> None:
+    """Let a contender that leaves work behind a timed sample go quiet before the next one
+    is timed (first-ready: steps still in flight)."""
+    park = getattr(env, "park", None)
+    if park is not None:
+        park()
 
 
 def _plan(order: list[str], per_step: dict[str, float], timing: Timing, min_steps: int,
