@@ -9,15 +9,16 @@ Method, shared by compare.py and transport.py (see :func:`measure_cell`):
 * every env of every contender does the same work: each repeat starts from
   ``reset(seed=0)`` for every env (not timed), and every env takes the same pre-drawn
   action sequence, so a deterministic env (the wildfire) replays one and the same episode
-  everywhere; a repeat is the same number of steps for all contenders, chosen from the
-  warm-up so that the slowest one's repeat lasts about ``repeat_s``;
+  everywhere; by default a repeat is the same number of steps for all contenders, chosen
+  from the warm-up so that the slowest one's repeat lasts about ``repeat_s``;
 * the reference, one env stepped in the benchmark process (``contenders.SINGLE``), takes
   part in every round like a contender, replaying the same steps; its sample is several
   such replays, so that it too lasts about ``repeat_s`` (one replay of a no-op episode
   takes well under a millisecond, too short to time). Efficiency =
   env-steps/s / (min(num_envs, cores) x the median of the reference's samples);
 * a contender that leaves work running after a timed sample (first-ready keeps every env
-  stepping) finishes it untimed (``park()``) before the next contender is timed;
+  stepping, PufferLib's workers spin for half a second) finishes it untimed (``park()``)
+  before the next contender is timed;
 * a result is the median over repeats of env-steps per second, with min and max.
 """
 
@@ -119,13 +120,16 @@ class Progress:
 
 def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
                  timing: Timing, progress: Progress | None = None, note: str = "",
-                 min_steps: int = 0, reference: bool = True) -> dict[str, dict]:
+                 min_steps: int = 0, reference: bool = True,
+                 equal_steps: bool = True) -> dict[str, dict]:
     """Throughput of each contender on one (workload, num_envs) cell.
 
     ``reference``: also measure ``SINGLE`` (one env in this process) in every round, and
     give each contender ``efficiency`` = median env-steps/s / (min(num_envs, cores) x the
-    reference's median). Every contender's repeat is the same number of steps, sized so
-    the slowest lasts about ``repeat_s`` (and at least ``min_steps``).
+    reference's median). ``equal_steps``: every contender's repeat is the same number of
+    steps, sized so the slowest lasts about ``repeat_s`` (and at least ``min_steps``);
+    False sizes each contender's repeat from its own warm-up (for cells whose contenders
+    differ 100x in speed and whose steps all cost the same, as on the no-op env).
 
     Returns ``{key: result}`` for the contenders and, with ``reference``, for
     ``SINGLE.key``; a result has ``sps`` (env-steps/s summary) or ``error`` (the
@@ -170,7 +174,7 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
             except Exception as exc:  # noqa: BLE001
                 fail(c.key, "warm-up", exc)
         order = [c.key for c in entries if c.key in live]
-        steps, passes = _plan(order, per_step, timing, min_steps,
+        steps, passes = _plan(order, per_step, timing, min_steps, equal_steps,
                               SINGLE.key if reference else None)
         samples: dict[str, list[float]] = {k: [] for k in order}
         faults = {k: 0 for k in order}
@@ -215,21 +219,24 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
 
 def _park(env) -> None:
     """Let a contender that leaves work behind a timed sample go quiet before the next one
-    is timed (first-ready: steps still in flight)."""
+    is timed (first-ready: steps still in flight; PufferLib: workers spinning on)."""
     park = getattr(env, "park", None)
     if park is not None:
         park()
 
 
 def _plan(order: list[str], per_step: dict[str, float], timing: Timing, min_steps: int,
-          ref: str | None) -> tuple[dict[str, int], dict[str, int]]:
+          equal_steps: bool, ref: str | None) -> tuple[dict[str, int], dict[str, int]]:
     """Steps per replay and replays per timed sample, for each key in ``order``."""
     def clamp(x: float) -> int:
         return int(min(timing.max_steps, max(timing.min_steps, min_steps, x)))
 
-    racers = [k for k in order if k != ref] or order
-    slowest = max((per_step[k] for k in racers), default=1.0)
-    steps = dict.fromkeys(order, clamp(timing.repeat_s / slowest))
+    if equal_steps:
+        racers = [k for k in order if k != ref] or order
+        slowest = max((per_step[k] for k in racers), default=1.0)
+        steps = dict.fromkeys(order, clamp(timing.repeat_s / slowest))
+    else:
+        steps = {k: clamp(timing.repeat_s / per_step[k]) for k in order}
     passes = dict.fromkeys(order, 1)
     if ref in steps:
         # The reference replays the same steps as the contenders; repeat the replay until

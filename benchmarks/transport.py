@@ -3,7 +3,7 @@
     python benchmarks/transport.py            # full run, a few minutes on 2 cores
     python benchmarks/transport.py --quick    # short repeats, fewer sizes
 
-Three parts, all measured in one run so their ratios compare like with like:
+Four parts, all measured in one run so their ratios compare like with like:
 
 1. no-op env (obs (4,) float32, 4x128x128 uint8, 8x128x128 float32) at 2, 8 and 16 envs:
    env-steps/s of gymnasium Sync, Async (shared memory / pipes) and FastVectorEnv
@@ -16,6 +16,12 @@ Three parts, all measured in one run so their ratios compare like with like:
 3. single-env round trip: median wall time of one step() with one env, next to a bare
    posix_ipc semaphore ping-pong between two processes (the floor of one request and one
    reply), measured alternately in the same run.
+4. peers, where installed: PufferLib's Multiprocessing vectorizer with 1 and with 2
+   workers next to Async(shm) and fastvec k=1 / k=4, at 8 no-op envs (4x128x128 uint8;
+   also obs (4,) in the full run). Its workers busy-wait, so every PufferLib step has a
+   deadline and every repeat a time budget (``--puffer-budget-s``): one that runs over is
+   shown with its timeout and measured rate, never hangs the run (see puffer.py). Without
+   pufferlib the part is skipped with the import error.
 
 Ratios and efficiencies are reported as measured: targets belong to the issue that sets
 them, not to this script. Results: console tables and ``<out>/transport.json``.
@@ -43,6 +49,7 @@ import numpy as np  # noqa: E402
 import posix_ipc  # noqa: E402
 import psutil  # noqa: E402
 
+import puffer  # noqa: E402
 import workloads  # noqa: E402
 from checkout import BENCH_DIR  # noqa: E402
 from contenders import ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, fast  # noqa: E402
@@ -54,6 +61,11 @@ from report import (add_ratios, cell_text, exc_text, fmt_rate, fmt_share, table,
 
 SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
 CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
+# PufferLib next to the others on the no-op env at 8 envs, with 1 worker and with 2 (its
+# workers busy-wait: with as many workers as cores, the parent's spin is one too many)
+PEER_SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"))
+PEER_NUM_ENVS = 8
+PEER_WORKERS = (1, 2)
 
 
 # -- the semaphore ping-pong floor --------------------------------------------------------------
@@ -226,14 +238,25 @@ def run(args) -> dict:
     timing = Timing(repeats=args.repeats, repeat_s=args.repeat_s, warmup_s=args.warmup_s)
     nums = args.num_envs
     lat_reps, lat_steps = (3, 300) if args.quick else (5, 1000)
+    peer_shapes = PEER_SHAPES[1:] if args.quick else PEER_SHAPES
+    have_puffer, puffer_note = puffer.available() if args.peers else (False, "--no-peers")
+    peers = ([ASYNC_SHM, fast(1), fast(4)]
+             + [puffer.puffer(w, args.puffer_budget_s) for w in PEER_WORKERS]
+             if have_puffer else [])
     total = (len(SHAPES) * len(nums) * len(CONTENDERS) * timing.repeats
-             + (len(CONTENDERS) + 1) * timing.repeats + 5 * lat_reps * len(placements()))
+             + (len(CONTENDERS) + 1) * timing.repeats + 5 * lat_reps * len(placements())
+             + len(peer_shapes) * len(peers) * timing.repeats)
     progress = Progress(total, not args.no_progress, "transport")
     data: dict = {"machine": machine_facts(),
                   "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
                              "contenders": [c.describe() for c in CONTENDERS],
                              "baseline": BASELINE, "reference": SINGLE.describe()},
-                  "noop": [], "cpu_bound": {}, "latency": {}}
+                  "noop": [], "cpu_bound": {}, "latency": {},
+                  "peers": {"pufferlib": puffer_note if not have_puffer else None,
+                            "pufferlib_version": puffer_note if have_puffer else None,
+                            "contenders": [c.describe() for c in peers], "cells": []}}
+    if not have_puffer:
+        print(f"PufferLib left out: {puffer_note}", file=sys.stderr)
     whole, meter = CpuMeter(), CpuMeter()
     shares = []
     try:
@@ -268,6 +291,22 @@ def run(args) -> dict:
         data["latency"] = measure_latency(lat_reps, lat_steps, progress)
         shares.append(meter.foreign_share())
         data["latency_foreign_cpu_share"] = shares[-1]
+
+        # Last: importing pufferlib imports torch into this process.
+        for shape, dtype in peer_shapes if peers else ():
+            wl = workloads.noop(shape, dtype)
+            n = PEER_NUM_ENVS
+            # Each contender's repeat is sized from its own warm-up: PufferLib with as many
+            # workers as cores may run 100x slower than the rest, and equal step counts
+            # would leave the fast ones a millisecond to be timed in.
+            res = measure_cell(lambda: wl.env_fns(n), peers, timing, progress,
+                               f"peers {wl.name} n={n}", reference=False, equal_steps=False)
+            add_ratios(res, BASELINE)
+            for c in peers:
+                res[c.key]["workers"] = c.workers(n)
+            shares.append(meter.foreign_share())
+            data["peers"]["cells"].append({"workload": wl.describe(), "num_envs": n,
+                                           "results": res, "foreign_cpu_share": shares[-1]})
     finally:
         progress.close()
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
@@ -279,11 +318,14 @@ def run(args) -> dict:
 
 
 def errors_of(data: dict) -> list[str]:
+    """Failures of fastvec or gymnasium contenders, and leftovers. A PufferLib contender's
+    failure (a timeout, most likely) is its result, shown in the table, not an error here."""
     errs = []
-    for cell in data["noop"]:
+    cells = [("", c) for c in data["noop"]] + [("peers ", c) for c in data["peers"]["cells"]]
+    for prefix, cell in cells:
         for key, res in cell["results"].items():
-            if "error" in res:
-                errs.append(f"{cell['workload']['name']} n={cell['num_envs']} {key}: "
+            if "error" in res and not key.startswith("puffer"):
+                errs.append(f"{prefix}{cell['workload']['name']} n={cell['num_envs']} {key}: "
                             f"{res['error']}")
     for key, res in data["cpu_bound"].get("results", {}).items():
         if "error" in res:
@@ -294,6 +336,10 @@ def errors_of(data: dict) -> list[str]:
     if left["stray_processes"] or left["shm_leftovers"] or left["bench_semaphores"]:
         errs.append(f"leftovers: {left}")
     return errs
+
+
+def _busy_mark(cell: dict) -> str:
+    return "*" if cell.get("foreign_cpu_share", 0) > 0.1 else ""
 
 
 def report(data: dict) -> str:
@@ -310,14 +356,9 @@ def report(data: dict) -> str:
         if not cells:
             continue
         name = cells[0]["workload"]["name"]
-        rows = []
-        for c in CONTENDERS:
-            row = [labels[c.key]]
-            for cell in cells:
-                row.append(cell_text(cell["results"][c.key], BASELINE))
-            rows.append(row)
-        heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
-                 for c in cells]
+        rows = [[labels[c.key]] + [cell_text(cell["results"][c.key], BASELINE)
+                                   for cell in cells] for c in CONTENDERS]
+        heads = [f"n={c['num_envs']}{_busy_mark(c)}" for c in cells]
         out += ["", name, table(["contender"] + heads, rows)]
 
     big = [c for c in data["noop"]
@@ -403,6 +444,28 @@ def report(data: dict) -> str:
             pp = lat[name].get("sem_pingpong", {}).get("median")
             if f and pp:
                 out.append(f"{name}: fastvec k=1 round trip / (2 x ping-pong) = {f / (2 * pp):.2f}")
+
+    peers = data["peers"]
+    out += [""]
+    if not peers["cells"]:
+        out.append(f"PufferLib Multiprocessing: left out ({peers['pufferlib']})")
+    else:
+        plabels = {c["key"]: c["label"] for c in peers["contenders"]}
+        cells = peers["cells"]
+        out.append(f"peers at {cells[0]['num_envs']} envs, pufferlib "
+                   f"{peers['pufferlib_version']}: env-steps/s, median [min-max] (x vs Async "
+                   "shm); each contender's repeat sized to its own speed; a PufferLib repeat "
+                   "or step over its time bound is shown as its error")
+        rows = []
+        for key, label in plabels.items():
+            row = [label]
+            for cell in cells:
+                res = cell["results"][key]
+                row.append(res["error"].split(": ", 1)[-1][:90] if "error" in res
+                           else cell_text(res, BASELINE))
+            rows.append(row)
+        out.append(table(["contender"] + [f"{c['workload']['name']}{_busy_mark(c)}"
+                                          for c in cells], rows))
     return "\n".join(out)
 
 
@@ -417,6 +480,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-s", type=float, help="seconds of warm-up per contender")
     p.add_argument("--num-envs", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated env counts (default 2,8,16)")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="leave out PufferLib even where it is installed")
+    p.add_argument("--puffer-budget-s", type=float,
+                   help="hard bound on one PufferLib repeat, seconds (default 10, quick 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     quick = args.quick
@@ -424,6 +491,7 @@ def main(argv=None) -> int:
     args.repeat_s = args.repeat_s or (0.12 if quick else 0.4)
     args.warmup_s = args.warmup_s or (0.1 if quick else 0.3)
     args.num_envs = args.num_envs or ([2, 16] if quick else [2, 8, 16])
+    args.puffer_budget_s = args.puffer_budget_s or (5.0 if quick else 10.0)
 
     t0 = time.monotonic()
     data = run(args)
