@@ -143,12 +143,17 @@ def measure_cell(make_env_fns: Callable[[], list], contenders: list[Contender],
     live: dict[str, Any] = {}
     per_step: dict[str, float] = {}
     acts: dict[str, list] = {}
-    fns = make_env_fns()
-    probe = fns[0]()
-    try:
-        singles, batches = action_batches(probe.action_space, len(fns), 64)
-    finally:
-        probe.close()
+    try:  # the actions every env takes, drawn once from a probe env's action space
+        fns = make_env_fns()
+        probe = fns[0]()
+        try:
+            singles, batches = action_batches(probe.action_space, len(fns), 64)
+        finally:
+            probe.close()
+    except Exception as exc:  # noqa: BLE001 - every contender would fail the same way
+        for res in results.values():
+            res["error"] = f"build: probe env: {exc_text(exc)}"
+        return results
 
     def fail(key: str, stage: str, exc: BaseException) -> None:
         results[key]["error"] = f"{stage}: {exc_text(exc)}"

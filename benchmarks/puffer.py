@@ -56,6 +56,8 @@ class PufferVecEnv:
     """``pufferlib.vector.Multiprocessing`` with a gymnasium-style ``reset``/``step`` and
     deadlines; one batch is every env (``batch_size = num_envs``), as for the others."""
 
+    vec = None  # so that close() works on a half-built object
+
     def __init__(self, env_fns: list, num_workers: int, repeat_budget_s: float,
                  step_timeout_s: float = STEP_TIMEOUT_S):
         import pufferlib.vector
@@ -64,7 +66,6 @@ class PufferVecEnv:
         self.num_envs = n
         self.step_timeout_s = step_timeout_s
         self.repeat_budget_s = repeat_budget_s
-        self.vec = None
         self.vec = pufferlib.vector.make(
             [functools.partial(_puffer_env, fn) for fn in env_fns],
             env_args=[[] for _ in range(n)], env_kwargs=[{} for _ in range(n)],
@@ -119,6 +120,8 @@ class PufferVecEnv:
         return {p.pid for p in getattr(self.vec, "processes", []) if p.pid}
 
     def close(self, terminate: bool = False, **kwargs):
+        """PufferLib's close() always terminates its workers; ``terminate`` is accepted for
+        the common close(terminate=...) call and changes nothing."""
         if self.vec is None:
             return
         vec, self.vec = self.vec, None
