@@ -1,21 +1,29 @@
 """FastVectorEnv next to gymnasium's SyncVectorEnv and AsyncVectorEnv, then under faults.
 
-    python benchmarks/compare.py              # default run: about 4 minutes on 2 cores
+    python benchmarks/compare.py              # default run: about 5 minutes on 2 cores
     python benchmarks/compare.py --quick      # CI: under a minute on 2 cores
     python benchmarks/compare.py --out DIR    # results elsewhere (default benchmarks/results)
 
+Measured 2026-11-26 on a 2-core AMD EPYC VM (23.5 GiB, Python 3.11, numpy 1.26.4, with
+pyretechnics), while another engineer's tests used about a third of its CPU: the default
+run took 314 s (wildfire cells 230 s of it, no-op and 1 ms cells 63 s, survival ~20 s), and
+--quick 40 s. Without pyretechnics the wildfire cells are skipped: 76 s, and --quick 15 s. Each run prints its wall time ("this run took N s", interpreter start to
+end) and stores it as ``runtime_s`` in compare.json.
+
 Throughput (env-steps/s) of each contender on each workload and number of envs:
 
-* ``wildfire_64`` (and ``wildfire_128`` in the default run): ``fastvec.envs.WildfireEnv``,
-  when pyretechnics is importable in this Python; skipped with the reason otherwise;
+* ``wildfire_64`` (and ``wildfire_64_mixed``, each env on its own landscape, and
+  ``wildfire_128`` in the default run): ``fastvec.envs.WildfireEnv``, when pyretechnics is
+  importable in this Python; skipped with the reason otherwise;
 * ``noop_7x64x64_float32``: a no-op env with the wildfire's 64x64 observation: the
   transport cost alone;
 * ``cpu_1ms``: about 1 ms of Python work per step: how well the cores are used.
 
-Every env replays the same episode (seed 0, same actions); "one env in-process" is the
-reference for efficiency = env-steps/s / (min(n, cores) x its rate). Then the survival run
+Every env replays the same episode (seed 0, same actions); "one env in-process", measured
+in every round of the same cell, is the reference for efficiency = env-steps/s /
+(min(n, cores) x the median of its rate). Medians are over 3 repeats. Then the survival run
 (survival.py): the same injected faults against AsyncVectorEnv and FastVectorEnv. Method:
-see harness.py (warm-up, round-robin repeats, medians with min/max, ratios against
+see measure.py (warm-up, round-robin repeats, medians with min/max, ratios against
 AsyncVectorEnv(shared_memory=True) from the same run; construction, reset and close are
 never timed). BLAS / OpenMP pools are pinned to one thread per process
 (``OPENBLAS_NUM_THREADS=1`` etc., set before numpy loads and inherited by the workers).
@@ -27,8 +35,6 @@ raised, FastVectorEnv died under faults) or processes or /dev/shm names were lef
 
 from __future__ import annotations
 
-import harness  # first: pins BLAS thread pools before numpy loads  # isort: skip
-
 import argparse
 import csv
 import os
@@ -36,12 +42,28 @@ import sys
 import time
 from pathlib import Path
 
-import survival
-import workloads
-from harness import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Progress, Timing,
-                     add_ratios, fast, fast_ready, measure_cell, table)
+from blas_threads import pin_blas_threads
 
-CONTENDERS = [SINGLE, SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
+if __name__ == "__main__":
+    # Before numpy loads (the imports below load it): otherwise each of N worker processes
+    # may start a BLAS pool of one thread per core and oversubscribe the cores being
+    # measured. Workers inherit the setting; see blas_threads.py.
+    pin_blas_threads()
+
+import psutil  # noqa: E402
+
+import survival  # noqa: E402
+import workloads  # noqa: E402
+from checkout import BENCH_DIR  # noqa: E402
+from contenders import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Contender,  # noqa: E402
+                        fast, fast_ready)
+from machine import CpuMeter, busy_warning, cpu_count, facts_line, machine_facts  # noqa: E402
+from measure import Progress, Timing, measure_cell  # noqa: E402
+from processes import leftover_report  # noqa: E402
+from report import add_ratios, cell_text, table, write_json  # noqa: E402
+
+# SINGLE, one env in-process, is measured in every cell as the reference (see measure.py)
+CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
 try:  # the Ray backend joins when the [ray] extra is installed
     import ray
@@ -50,7 +72,7 @@ except ImportError:
     ray = None
 
 
-class RayContender(harness.Contender):
+class RayContender(Contender):
     """fastvec.ray.RayVectorEnv on a local one-node Ray: one actor holding a FastVectorEnv
     with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step."""
 
@@ -58,8 +80,8 @@ class RayContender(harness.Contender):
         if not ray.is_initialized():
             # Actors import the workloads module by name, as the fastvec workers do.
             os.environ["PYTHONPATH"] = os.pathsep.join(
-                [str(harness.BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-            ray.init(num_cpus=harness.cpu_count(), log_to_driver=False,
+                [str(BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            ray.init(num_cpus=cpu_count(), log_to_driver=False,
                      include_dashboard=False, logging_level="error")
         return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
 
@@ -92,27 +114,28 @@ def run(args) -> dict:
         print(f"skipping {s['workload']}: {s['reason']}\n  (install the fire extra, "
               f"pip install \"fastvec[fire]\", to include it)", file=sys.stderr)
     kinds = args.faults
-    total = (len(chosen) * len(args.num_envs) * len(CONTENDERS) * timing.repeats
+    total = (len(chosen) * len(args.num_envs) * (len(CONTENDERS) + 1) * timing.repeats
              + len(kinds) * len(survival.CONTENDERS))
     data: dict = {
-        "machine": harness.machine_facts(),
+        "machine": machine_facts(),
         "config": {"quick": args.quick, "num_envs": args.num_envs, "timing": vars(timing),
                    "contenders": [c.describe() for c in CONTENDERS], "baseline": BASELINE,
+                   "reference": SINGLE.describe(),
                    "workloads": [w.describe() for w in chosen], "skipped": skipped,
                    "survival": {"faults": kinds, "budget_s": args.survival_budget_s,
                                 "period": args.survival_period, "num_envs": 4}},
         "cells": [], "survival": [],
     }
     progress = Progress(total, not args.no_progress, "compare")
-    whole, meter = harness.CpuMeter(), harness.CpuMeter()
+    whole, meter = CpuMeter(), CpuMeter()
     try:
         for wl in chosen:
             for n in args.num_envs:
                 t0 = time.monotonic()
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
-                                   f"{wl.name} n={n}", wl.min_steps)
-                add_ratios(res)
-                for c in CONTENDERS:
+                                   f"{wl.name} n={n}", wl.min_steps, reference=True)
+                add_ratios(res, BASELINE)
+                for c in [SINGLE] + CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
                 data["cells"].append({"workload": wl.name, "num_envs": n, "results": res,
                                       "foreign_cpu_share": meter.foreign_share(),
@@ -128,7 +151,7 @@ def run(args) -> dict:
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(
         [c["foreign_cpu_share"] for c in data["cells"]], default=0.0)
-    data["leftovers"] = harness.leftover_report()
+    data["leftovers"] = leftover_report()
     return data
 
 
@@ -149,27 +172,27 @@ def errors_of(data: dict) -> list[str]:
 
 def report(data: dict) -> str:
     m = data["machine"]
-    out = [f"compare   {harness.facts_line(m)}"]
-    warn = harness.busy_warning(m)
+    out = [f"compare   {facts_line(m)}"]
+    warn = busy_warning(m)
     if warn:
         out.append(warn)
     for s in data["config"]["skipped"]:
         out.append(f"skipped {s['workload']}: {s['reason']}")
-    out.append("env-steps/s: median [min-max] of repeats (x vs gym Async shm); every env "
-               "replays the same episode (seed 0, same actions). Except on the no-op env, also "
-               f"efficiency = median / (min(n, {m['cores']} cores) x one env in-process)")
+    out.append(
+        "env-steps/s: median [min-max] of repeats (x vs gym Async shm), then efficiency = "
+        f"median / (min(n, {m['cores']} cores) x one env in-process), the reference measured "
+        "in every round of the same cell (median of its samples). Every env replays the same "
+        "episode (seed 0, same actions). On the no-op env a step in-process costs next to "
+        "nothing, so efficiency there only restates the transport cost: it is in the JSON and "
+        "CSV, not below.")
     for wl in dict.fromkeys(c["workload"] for c in data["cells"]):
         cells = [c for c in data["cells"] if c["workload"] == wl]
         show_eff = not wl.startswith("noop")
-        rows = []
+        rows = [[SINGLE.label + " (reference)"]
+                + [cell_text(cell["results"][SINGLE.key]) for cell in cells]]
         for c in CONTENDERS:
-            row = [c.label]
-            for cell in cells:
-                res = cell["results"][c.key]
-                eff = res.get("efficiency") if show_eff else None
-                row.append(harness.cell_text(res)
-                           + ("" if eff is None else f" {100 * eff:.0f}%"))
-            rows.append(row)
+            rows.append([c.label] + [cell_text(cell["results"][c.key], BASELINE, show_eff)
+                                     for cell in cells])
         heads = [f"n={c['num_envs']}" + ("*" if c.get("foreign_cpu_share", 0) > 0.1 else "")
                  for c in cells]
         out += ["", wl, table(["contender"] + heads, rows)]
@@ -184,15 +207,18 @@ def report(data: dict) -> str:
 
 CSV_FIELDS = ["workload", "num_envs", "contender", "label", "envs_per_worker", "copy",
               "workers", "median_sps", "min_sps", "max_sps", "repeats", "steps_per_repeat",
-              "ratio_vs_" + BASELINE, "efficiency", "error"]
+              "ratio_vs_" + BASELINE, "efficiency", "efficiency_cores", "reference_median_sps",
+              "error"]
 
 
 def write_csv(path: Path, data: dict) -> None:
-    labels = {c.key: c for c in CONTENDERS}
+    """One row per contender and cell; the reference's row has key ``single``."""
+    labels = {c.key: c for c in [SINGLE] + CONTENDERS}
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         for cell in data["cells"]:
+            ref = cell["results"].get(SINGLE.key, {}).get("sps", {}).get("median")
             for key, res in cell["results"].items():
                 c = labels[key]
                 s = res.get("sps", {})
@@ -205,7 +231,9 @@ def write_csv(path: Path, data: dict) -> None:
                     "max_sps": s.get("max"), "repeats": len(s.get("values", [])),
                     "steps_per_repeat": res.get("steps_per_repeat"),
                     "ratio_vs_" + BASELINE: res.get("ratio_vs_" + BASELINE),
-                    "efficiency": res.get("efficiency"), "error": res.get("error", ""),
+                    "efficiency": res.get("efficiency"),
+                    "efficiency_cores": res.get("efficiency_cores"),
+                    "reference_median_sps": ref, "error": res.get("error", ""),
                 })
 
 
@@ -231,8 +259,6 @@ def write_plot(path: Path, data: dict) -> str | None:
             if pts:
                 top.plot(*zip(*pts), color="grey", ls=":", label="ideal (cores x one env)")
         for c in CONTENDERS:
-            if c is SINGLE:
-                continue
             xs, med, lo, hi, ratio = [], [], [], [], []
             for cell in cells:
                 res = cell["results"][c.key]
@@ -271,11 +297,12 @@ def write_plot(path: Path, data: dict) -> str | None:
 
 
 def main(argv=None) -> int:
+    started = time.time()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CI run: fewer sizes, short repeats, short survival run")
-    p.add_argument("--out", default=str(harness.BENCH_DIR / "results"),
+    p.add_argument("--out", default=str(BENCH_DIR / "results"),
                    help="output directory (default: benchmarks/results)")
     p.add_argument("--num-envs", type=_ints, help="comma-separated (default 2,4,8; quick 2,8)")
     p.add_argument("--wildfire-sizes", type=_ints,
@@ -308,22 +335,26 @@ def main(argv=None) -> int:
         p.error(f"unknown fault kinds {sorted(bad)}")
     args.survival_budget_s = args.survival_budget_s or (1.5 if q else 3.0)
 
-    t0 = time.monotonic()
     data = run(args)
-    data["runtime_s"] = time.monotonic() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    harness.write_json(out / "compare.json", data)
     write_csv(out / "compare.csv", data)
     plot_problem = write_plot(out / "compare.png", data)
+    # The run's real wall time: from the interpreter's start when run as a script.
+    data["runtime_s"] = time.time() - (_process_start() if __name__ == "__main__" else started)
+    write_json(out / "compare.json", data)
     print(report(data))
     errs = errors_of(data)
     for e in errs:
         print(f"ERROR: {e}", file=sys.stderr)
     print(f"\nwrote {out / 'compare.json'}, compare.csv"
-          f"{', compare.png' if not plot_problem else ' (' + plot_problem + ')'}; "
-          f"{data['runtime_s']:.0f} s")
+          f"{', compare.png' if not plot_problem else ' (' + plot_problem + ')'}\n"
+          f"this run took {data['runtime_s']:.0f} s")
     return 1 if errs else 0
+
+
+def _process_start() -> float:
+    return psutil.Process().create_time()
 
 
 def _ints(s: str) -> list[int]:

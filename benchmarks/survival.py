@@ -20,8 +20,6 @@ the default budget of 5 restarts a minute exists to stop a deterministic crash l
 
 from __future__ import annotations
 
-import harness  # first: pins BLAS thread pools before numpy loads  # isort: skip
-
 import argparse
 import logging
 import multiprocessing
@@ -29,15 +27,31 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
-import numpy as np
-import psutil
-import gymnasium as gym
-from fastvec import FastVectorEnv
-from fastvec.shm import leftovers, unlink_segment, unlink_semaphore
+from blas_threads import pin_blas_threads
 
-import workloads
-from harness import Progress, safe_close, table
+if __name__ == "__main__":
+    # As a script: before numpy loads, so this process and every worker it starts run one
+    # BLAS thread each (see blas_threads.py). Imported (by compare.py), it leaves the
+    # environment to the importing script.
+    pin_blas_threads()
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+import workloads  # noqa: E402
+from checkout import BENCH_DIR, import_fastvec  # noqa: E402
+from machine import machine_facts  # noqa: E402
+from measure import Progress  # noqa: E402
+from processes import children, kill_processes, leftover_report, safe_close  # noqa: E402
+from report import exc_text, fmt_rate, table, write_json  # noqa: E402
+
+fastvec = import_fastvec()
+FastVectorEnv = fastvec.FastVectorEnv
+leftovers, unlink_segment, unlink_semaphore = (
+    fastvec.shm.leftovers, fastvec.shm.unlink_segment, fastvec.shm.unlink_semaphore)
 
 CONTENDERS = {
     "async_shm": "gym Async shm",
@@ -68,7 +82,7 @@ def _attempt(key: str, kind: str, period: int, num_envs: int, budget_s: float) -
     try:
         env = _build(key, env_fns)
     except Exception as exc:  # noqa: BLE001
-        res["error"] = f"build: {harness.exc_text(exc)}"
+        res["error"] = f"build: {exc_text(exc)}"
         return res
     actions = np.zeros(num_envs, np.int64)
     t0 = time.perf_counter()
@@ -83,7 +97,7 @@ def _attempt(key: str, kind: str, period: int, num_envs: int, budget_s: float) -
                 res["restart_infos"] += int(np.sum(infos["_worker_restarted"]))
         res["survived"] = True
     except BaseException as exc:  # noqa: BLE001 - what the vectorizer raised is the result
-        res["error"] = harness.exc_text(exc).splitlines()[0][:300]
+        res["error"] = exc_text(exc).splitlines()[0][:300]
     res["elapsed_s"] = time.perf_counter() - t0
     if isinstance(env, FastVectorEnv):
         try:
@@ -107,7 +121,7 @@ def _attempt_main(conn, log_path, *args) -> None:
         res = _attempt(*args)
     except BaseException:  # noqa: BLE001
         res = {"error": "benchmark bug: " + traceback.format_exc()[-500:], "survived": False}
-    harness.kill_processes(harness.children())  # nothing of this attempt outlives it
+    kill_processes(children())  # nothing of this attempt outlives it
     conn.send(res)
     conn.close()
 
@@ -142,7 +156,7 @@ def run_attempt(key: str, kind: str, period: int, num_envs: int, budget_s: float
             tree = psutil.Process(proc.pid).children(recursive=True)
         except psutil.Error:
             tree = []
-        harness.kill_processes(tree)
+        kill_processes(tree)
         if proc.exitcode is None:
             proc.kill()
             proc.join(5.0)
@@ -210,7 +224,7 @@ def report(results: list[dict]) -> str:
             "survived" if r["survived"] else "DIED",
             "-" if steps is None else str(steps),
             "-" if el is None else f"{el:.2f}",
-            harness.fmt_rate(rate),
+            fmt_rate(rate),
             "-" if r.get("restarts") is None else str(r["restarts"]),
             r.get("error") or "",
         ])
@@ -225,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, help="seconds per attempt (default 5, quick 1.5)")
     p.add_argument("--period", type=int, default=500, help="steps of env 0 between faults")
     p.add_argument("--num-envs", type=int, default=4)
-    p.add_argument("--out", default=str(harness.BENCH_DIR / "results"))
+    p.add_argument("--out", default=str(BENCH_DIR / "results"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     kinds = (args.faults.split(",") if args.faults else
@@ -242,10 +256,10 @@ def main(argv=None) -> int:
                       os.path.join(args.out, "survival-logs"))
     finally:
         progress.close()
-    data = {"machine": harness.machine_facts(), "survival": results,
-            "leftovers": harness.leftover_report(), "runtime_s": time.monotonic() - t0}
+    data = {"machine": machine_facts(), "survival": results,
+            "leftovers": leftover_report(), "runtime_s": time.monotonic() - t0}
     out = os.path.join(args.out, "survival.json")
-    harness.write_json(harness.Path(out), data)
+    write_json(Path(out), data)
     print(report(results))
     errs = unexpected(results)
     left = data["leftovers"]
