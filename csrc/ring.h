@@ -178,7 +178,7 @@ int fv_set_parent_death_signal(int sig);
    microseconds on some VMs, so a short spin before blocking on the semaphore pays off.
    With yield_cpu, every 64 polls the spinner calls sched_yield(): when spinners outnumber
    cores, a process with real work on this core runs instead of waiting out a timeslice
-   (a pure spinner there costs ~8 ms per hand-over). The caller decides (Options.spin). */
+   (a pure spinner there costs ~8 ms per hand-over). fastvec always yields (Options.spin_ns). */
 uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
 uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
 /* Spin until resp_seq == target or spin_ns pass; returns resp_seq. (The parent waits for

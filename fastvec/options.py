@@ -100,18 +100,20 @@ class Options:
     def recycling(self) -> bool:
         return bool(self.recycle_after_episodes or self.max_worker_rss)
 
-    def spin(self, num_workers: int, cores: int) -> tuple[int, bool]:
-        """(nanoseconds to spin before sleeping, whether spinners yield the core).
+    def spin_ns(self, cores: int) -> int:
+        """Nanoseconds the parent and each worker spin before sleeping on a semaphore.
 
         Both sides spin before they block: waking a sleeping process costs 12-45 us on the
-        VMs measured, more than the whole step of a cheap env. Spinners yield the core
-        (sched_yield between rounds of polls) whenever they may outnumber cores (workers +
-        the parent > cores), so a process with real work never waits out a timeslice
-        behind a spinner. "auto" spins AUTO_SPIN_US; 0 always sleeps."""
-        if self.context == "serial":
-            return 0, False
+        VMs measured, more than the whole step of a cheap env. Spinners yield their core
+        (sched_yield between rounds of polls), so a process with real work on it (another
+        worker, another job) runs instead of waiting out a timeslice behind a spinner;
+        measured on 2 cores, that kept 16 workers faster spinning than sleeping. With one
+        usable core nothing can answer while we spin: sleep at once. "auto" spins
+        AUTO_SPIN_US; 0 always sleeps."""
+        if self.context == "serial" or cores < 2:
+            return 0
         us = AUTO_SPIN_US if self.spin_us == "auto" else float(self.spin_us)
-        return int(us * 1000), num_workers + 1 > cores
+        return int(us * 1000)
 
     @classmethod
     def names(cls) -> set[str]:

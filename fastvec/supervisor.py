@@ -159,8 +159,7 @@ class Supervisor:
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
         self._batch_path: BatchPath | None = None
-        self.spin_ns, self.spin_yield = options.spin(len(slots_envs),
-                                                     len(os.sched_getaffinity(0)))
+        self.spin_ns = options.spin_ns(len(os.sched_getaffinity(0)))
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -203,7 +202,7 @@ class Supervisor:
         path = self._batch_path
         self._drain()  # the batch's post (if it came) is not needed: resp_seq is the truth
         if (path is not None
-                and _ring.spin_all(path.ctls, path.seqs, self.spin_ns, self.spin_yield) < 0
+                and _ring.spin_all(path.ctls, path.seqs, self.spin_ns, True) < 0
                 and _ring.first_bad_status(path.ctls) < 0
                 and not any(s.failure is not None for s in self.slots)):
             self._check_watchdog()
@@ -264,7 +263,7 @@ class Supervisor:
                     generation=slot.generation, start_seq=start_seq,
                     heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
                     max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
-                    spin_ns=self.spin_ns, spin_yield=self.spin_yield, pending_seeds=pending_seeds,
+                    spin_ns=self.spin_ns, pending_seeds=pending_seeds,
                     observation_mode=self.observation_mode,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 if self.serial:
@@ -393,7 +392,7 @@ class Supervisor:
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
             if spin:
-                slot.ctl.spin_resp_until(slot.expected, spin, self.spin_yield)
+                slot.ctl.spin_resp_until(slot.expected, spin, True)
             while True:
                 if slot.ctl.resp_seq == slot.expected:
                     self._settle(slot)

@@ -159,8 +159,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
             to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on
-            the semaphore; ``"auto"`` (default) spins 100 us. Spinners yield their core
-            (``sched_yield``) whenever workers + parent outnumber the usable cores, so
+            the semaphore; ``"auto"`` (default) spins 100 us, or not at all with one usable
+            core. Spinners yield their core (``sched_yield``) between rounds of polls, so
             oversubscription costs a little, never a timeslice per hand-over. 0 always sleeps.
         observation_mode: as gymnasium's: ``"same"`` (every env has env 0's observation
             space), ``"different"`` (same shape and dtype, other bounds; batched with

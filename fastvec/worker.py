@@ -57,8 +57,7 @@ class WorkerSpec:
     max_payload_bytes: int
     single_spaces: tuple  # (observation_space, action_space) the parent batched
     observation_mode: str = "same"  # "same": spaces equal env 0's; else same shape and dtype
-    spin_ns: int = 0  # spin this long for the next request before blocking
-    spin_yield: bool = False  # yield the core between spin rounds (Options.spin)
+    spin_ns: int = 0  # spin this long for the next request before blocking (Options.spin_ns)
     # Seeds for the next reset of each env (a replacement's derived seeds), or None. Under
     # NEXT_STEP the first step is that reset (the predecessor's episode ended truncated).
     pending_seeds: tuple | None = None
@@ -283,7 +282,7 @@ class Worker:
         """Wait for a request newer than ``last``: spin briefly, then block on the semaphore
         (csrc/ring.c fv_wait_request; req_seq is the truth, the semaphore a wake-up hint).
         Signal handlers the env installed (e.g. SIGALRM) run, and the wait goes on."""
-        return self.ctl.wait_request(self.req_sem, last, self.spec.spin_ns, self.spec.spin_yield)
+        return self.ctl.wait_request(self.req_sem, last, self.spec.spin_ns, True)
 
     def handle(self, seq: int, in_process: bool = False) -> int:
         """Answer request ``seq``; returns its opcode. In process (context="serial") an

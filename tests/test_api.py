@@ -793,15 +793,15 @@ def test_the_callers_action_dtype_reaches_the_env_as_in_sync():
     ref.close()
 
 
-def test_spin_is_automatic_and_yields_when_spinners_may_outnumber_cores():
+def test_spin_is_automatic_and_off_on_one_core():
     from fastvec.options import AUTO_SPIN_US, Options
     auto = Options()
     assert auto.spin_us == "auto"
-    assert auto.spin(1, 2) == (int(AUTO_SPIN_US * 1000), False)  # worker + parent fit
-    assert auto.spin(2, 2) == (int(AUTO_SPIN_US * 1000), True)   # they do not: yield
-    assert Options(spin_us=0).spin(1, 16) == (0, False)
-    assert Options(spin_us=25).spin(16, 2) == (25_000, True)
-    assert Options(context="serial").spin(1, 2) == (0, False)  # nothing to wait for
+    assert auto.spin_ns(2) == auto.spin_ns(16) == int(AUTO_SPIN_US * 1000)
+    assert auto.spin_ns(1) == 0  # nothing can answer while we spin
+    assert Options(spin_us=0).spin_ns(16) == 0
+    assert Options(spin_us=25).spin_ns(2) == 25_000
+    assert Options(context="serial").spin_ns(2) == 0  # nothing to wait for
     for bad in (-1, "fast", None):
         with pytest.raises(ValueError, match="spin_us"):
             FastVectorEnv([test_envs.AttrEnv], spin_us=bad)
