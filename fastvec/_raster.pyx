@@ -117,3 +117,13 @@ cdef bint _row_contiguous(const Py_buffer *b, int64_t row_bytes, bint whole):
     if whole and b.ndim and b.shape[0] > 1 and b.strides[0] != row_bytes:
         return False
     return True
+
+
+def all_within(const int64_t[::1] values, int64_t lo, int64_t hi):
+    """Whether every value lies in [lo, hi] (a batch of Discrete actions: one pass
+    instead of two numpy reductions)."""
+    cdef Py_ssize_t i
+    for i in range(values.shape[0]):
+        if values[i] < lo or values[i] > hi:
+            return False
+    return True

@@ -12,8 +12,11 @@ The kernel serves requests whose every leaf has a fixed size and whose actions a
 through shared memory; anything else takes ``Worker.on_step``'s Python path.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
+
+from fastvec._ring cimport (FV_OP_CLOSE, FV_OP_STEP, FV_REQ_COUNTED, FV_ST_OK, Batch, Ctl,
+                            Waiter, fv_ctl)
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -257,3 +260,36 @@ cdef class StepKernel:
                     infos = [None] * k
                 infos[j] = info
         return infos
+
+
+def serve(worker):
+    """The worker's request loop: wait for a request, answer it, until CLOSE. A STEP that
+    the compiled kernel can serve (every leaf fixed, no pickled actions) is read from the
+    control block and answered here, Python running only ``env.step``; any other request
+    goes to ``worker.handle``. (ring.c is linked into fastvec._ring only, so its calls go
+    through Ctl's methods.)"""
+    cdef Ctl ctl = worker.ctl
+    cdef Batch batch = worker.batch
+    cdef Waiter req = worker.req_sem
+    cdef Waiter done = worker.done_sem
+    cdef StepKernel kernel = worker.kernel
+    cdef uint64_t spin = worker.spec.spin_ns
+    cdef uint64_t seq = worker.spec.start_seq - 1
+    cdef fv_ctl *c = ctl._p()
+    cdef uint32_t flags, epoch
+    cdef uint64_t n
+    cdef list no_pickled = [None] * len(worker.envs)
+    while True:
+        seq = ctl.wait_request(req, seq, spin, True)
+        if kernel is not None and c.opcode == FV_OP_STEP and c.req_payload_len == 0:
+            flags, epoch = c.flags, c.batch_epoch
+            ctl.begin()
+            try:
+                infos = kernel.step(c.ring_index)
+                n = 0 if infos is None else worker._put_reply(infos, no_pickled)
+            except BaseException as exc:  # reported to the parent, which applies its policy
+                worker.reply_error(seq, exc, flags & FV_REQ_COUNTED, epoch)
+                continue
+            ctl.reply(batch, done, seq, FV_ST_OK, n, flags, epoch)
+        elif worker.handle(seq) == FV_OP_CLOSE:
+            return

@@ -25,7 +25,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import iterate
 
-from fastvec import _ring, infos
+from fastvec import _raster, _ring, infos
 
 from fastvec.errors import (ActionBatchTypeError, InvalidActionError, SpaceMismatchError,
                             UnsupportedSpaceError)
@@ -184,8 +184,6 @@ class Views:
 
 def write_leaf(dst: np.ndarray, leaf: Leaf, value: Any) -> None:
     """Write one env's leaf value into its slot row, as SyncVectorEnv's concatenate would."""
-    from fastvec import _raster
-
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     if arr.shape != leaf.shape:
         raise SpaceMismatchError(
@@ -252,7 +250,10 @@ def _all_in_space(space: spaces.Space, arr: np.ndarray) -> bool:
     if arr.size == 0:
         return True
     if isinstance(space, spaces.Discrete) and arr.dtype.kind in "iu":
-        return bool(space.start <= arr.min() and arr.max() < space.start + space.n)
+        lo, hi = int(space.start), int(space.start + space.n - 1)
+        if arr.dtype == np.int64 and arr.flags.c_contiguous:  # the common batch: one pass in C
+            return _raster.all_within(arr.reshape(-1), lo, hi)
+        return bool(lo <= arr.min() and arr.max() <= hi)
     if isinstance(space, spaces.MultiBinary) and arr.dtype.kind in "iub":
         return bool(0 <= arr.min() and arr.max() <= 1)
     return bool(_in_space(space, arr).all())

@@ -125,6 +125,7 @@ class BatchPath:
         self.masks = np.array([s.env_mask() for s in slots], np.uint64)
         self.lens = np.zeros(len(slots), np.uint64)
         self.seqs = np.zeros(len(slots), np.uint64)
+        self.offsets = np.arange(len(slots), dtype=np.uint64)
 
 
 class Supervisor:
@@ -188,9 +189,10 @@ class Supervisor:
         path = self._batched()
         n = len(self.slots)
         self.epoch = (self.epoch + 1) & 0xFFFFFFFF
-        path.seqs = np.arange(self.seq + 1, self.seq + n + 1, dtype=np.uint64)
+        first = self.seq + 1
+        np.add(path.offsets, first, out=path.seqs)
         self.seq += n
-        for slot, seq in zip(self.slots, path.seqs.tolist()):
+        for slot, seq in zip(self.slots, range(first, first + n)):
             slot.expected = seq
         _ring.send_batch(self.batch, self.epoch, path.ctls, path.sems, path.seqs, path.masks,
                          path.lens, op, ring)

@@ -750,9 +750,10 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 continue
             if len(ids) == self.num_envs:
                 np.copyto(view, arr, casting="unsafe")
+                next(hist)[h] = view
             else:
                 view[ids] = arr
-            next(hist)[h][ids] = view[ids]
+                next(hist)[h][ids] = view[ids]
 
     def _put_pickled_actions(self, slot: Slot) -> int:
         """A step request's side-buffer part, per env: {leaf index: value} of the leaves

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from gymnasium.vector import AutoresetMode
 
 from fastvec import _ring
-from fastvec._stepper import InfoWriter, StepKernel
+from fastvec._stepper import InfoWriter, StepKernel, serve
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 
 from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
@@ -278,12 +278,6 @@ class Worker:
         self.ctl.complete(seq, status, n)
         self.post_done(counted, epoch)
 
-    def next_request(self, last: int) -> int:
-        """Wait for a request newer than ``last``: spin briefly, then block on the semaphore
-        (csrc/ring.c fv_wait_request; req_seq is the truth, the semaphore a wake-up hint).
-        Signal handlers the env installed (e.g. SIGALRM) run, and the wait goes on."""
-        return self.ctl.wait_request(self.req_sem, last, self.spec.spin_ns, True)
-
     def handle(self, seq: int, in_process: bool = False) -> int:
         """Answer request ``seq``; returns its opcode. In process (context="serial") an
         interrupt (KeyboardInterrupt, SystemExit) is answered as an error and re-raised,
@@ -304,11 +298,8 @@ class Worker:
         return op
 
     def serve(self) -> None:
-        seq = self.spec.start_seq - 1  # the request sequence as ctl.init left it
-        while True:
-            seq = self.next_request(seq)
-            if self.handle(seq) == _ring.OP_CLOSE:
-                return
+        """Answer requests until CLOSE (the loop is compiled: fastvec/_stepper.pyx)."""
+        serve(self)
 
 
 def _picklable(obj) -> bool:
