@@ -190,10 +190,19 @@ static int64_t first_owing(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t f
     return -1;
 }
 
+/* A reply is expected "within microseconds" when the worker's previous request took less
+   than the spin window; after a slow one (a simulator's millisecond step) spinning would
+   only take CPU from the workers, so we sleep at once. */
+static inline int worth_spinning(const fv_ctl *c, uint64_t spin_ns) {
+    return LOAD(&c->last_request_ns) <= spin_ns;
+}
+
 int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
                     int yield_cpu) {
     int64_t i = first_owing(ctls, seqs, 0, n);
     if (i < 0 || spin_ns == 0) return i;
+    for (uint32_t k = 0; k < n; k++)
+        if (!worth_spinning(ctls[k], spin_ns)) return i;
     uint64_t deadline = fv_now_ns() + spin_ns;
     for (;;) {
         for (int k = 0; k < 64; k++) {
@@ -213,6 +222,8 @@ int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n) {
 
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
                          int yield_cpu, int64_t block_ns) {
+    /* after a slow request of ours, the others' are slow too: the next one is far off */
+    if (!worth_spinning(c, spin_ns)) spin_ns = 0;
     uint64_t v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
     if (v != last) {
         /* Take the post that came with it (if it is there yet; if not, a later wait

@@ -197,7 +197,9 @@ int fv_sem_trywait(sem_t *s);
    fv_send_batch: arm batch `epoch` for n requests, write each (seq seqs[i], mask masks[i],
    side-buffer bytes lens[i]) flagged FV_REQ_COUNTED, then post every request semaphore.
    fv_spin_all: spin up to spin_ns until every ctls[i]->resp_seq == seqs[i]; returns the
-   index of the first one still owing its reply, or -1 when all replied.
+   index of the first one still owing its reply, or -1 when all replied. It does not spin
+   when a worker's previous request took longer than spin_ns (last_request_ns): a reply
+   is worth spinning for only when it is expected within the spin window.
    fv_first_bad_status: index of the first reply whose status is not FV_ST_OK, or -1. */
 void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
                    const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
@@ -208,7 +210,8 @@ int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n);
 
 /* Worker: wait for a request newer than `last`: spin up to spin_ns on req_seq, then block
    on the request semaphore `s` (a wake-up hint: a post a spin overtook is taken here, a
-   stale one only repeats the wait) for at most block_ns. Returns the new req_seq, or
+   stale one only repeats the wait) for at most block_ns. No spin after a request of ours
+   that took longer than spin_ns: the next one waits for equally slow siblings. Returns the new req_seq, or
    `last` when the time ran out or a signal came: the caller runs Python's signal handlers
    and calls again. (A signal that lands while the spin runs interrupts no system call, so
    the block is bounded: its handler runs within block_ns.) */

@@ -747,3 +747,30 @@ def test_a_signal_that_lands_during_the_spin_still_reaches_its_handler(named_sem
     finally:
         timer.join()
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_no_spin_for_replies_expected_after_a_slow_request(named_semaphores):
+    """Spinning pays only for a reply expected within the spin window: after a request that
+    took longer (last_request_ns), both sides sleep at once instead of taking CPU from the
+    workers. (With the spin, each call below would spin for 500 s.)"""
+    buf, ctls, _ = blocks(2)
+    seqs = np.array([11, 12], np.uint64)
+    ctls[0].complete(11, _ring.ST_OK)
+    put_raw(buf, "last_request_ns", 10**12, base=_ring.CTL_SIZE)  # worker 1 was slow
+    t0 = time.monotonic()
+    assert _ring.spin_all(ctls, seqs, 5 * 10**11, True) == 1
+    _, waiter = named_semaphores()
+
+    def handler(signum, frame):
+        raise TimeoutError("slept")
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR2))
+    try:
+        timer.start()
+        with pytest.raises(TimeoutError, match="slept"):
+            ctls[1].wait_request(waiter, 10, 5 * 10**11, True)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR2, old)
+    assert time.monotonic() - t0 < 60
