@@ -10,7 +10,8 @@ Four parts, all measured in one run so their ratios compare like with like:
 
 1. no-op env (obs (4,) float32, 4x128x128 uint8, 8x128x128 float32) at 2, 8 and 16 envs:
    env-steps/s of gymnasium Sync, Async (shared memory / pipes) and FastVectorEnv
-   (k = envs_per_worker 1, 4, and 4 with copy=False); ratio vs Async(shared memory).
+   (k = envs_per_worker 1, 4, 4 with copy=False, and 8 with copy=False: one worker for
+   all 8 envs); ratio vs Async(shared memory).
    FastVectorEnv k=1 at 16 envs runs 16 workers on the machine's cores: a vectorizer that
    busy-waits collapses there; one that blocks does not.
 2. CPU-bound env (about 1 ms of Python per step) at 8 envs: efficiency =
@@ -63,7 +64,9 @@ from report import (add_ratios, cell_text, exc_text, fmt_rate, fmt_share, table,
                     write_json)
 
 SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"), ((8, 128, 128), "float32"))
-CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)]
+# fast(8, copy=False): at 8 envs one worker steps them all (PufferLib's best placement here)
+CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False),
+              fast(8, copy=False)]
 # PufferLib next to the others on the no-op env at 8 envs, with 1 worker and with 2 (its
 # workers busy-wait: with as many workers as cores, the parent's spin is one too many)
 PEER_SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"))
