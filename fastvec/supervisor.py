@@ -199,7 +199,7 @@ class Supervisor:
 
     def wait_all(self, timeout: float | None) -> list[Slot]:
         """Wait for the replies to :meth:`send_all`: spin in C while that pays (see
-        ``Options.spin``); when every slot answered OK and none is flagged, return at
+        ``Options.spin_ns``); when every slot answered OK and none is flagged, return at
         once, else take :meth:`wait`'s careful path."""
         path = self._batch_path
         self._drain()  # the batch's post (if it came) is not needed: resp_seq is the truth
