@@ -7,8 +7,9 @@
 Measured 2026-11-26 on a 2-core AMD EPYC VM (23.5 GiB, Python 3.11, numpy 1.26.4, with
 pyretechnics), while another engineer's tests used about a third of its CPU: the default
 run took 314 s (wildfire cells 230 s of it, no-op and 1 ms cells 63 s, survival ~20 s), and
---quick 40 s. Without pyretechnics the wildfire cells are skipped: 76 s, and --quick 15 s. Each run prints its wall time ("this run took N s", interpreter start to
-end) and stores it as ``runtime_s`` in compare.json.
+--quick 40 s; on a quiet machine 268 s. Without pyretechnics the wildfire cells are
+skipped: 76 s, and --quick 15 s. Each run prints its wall time ("this run took N s", from
+loading this script to the end) and stores it as ``runtime_s`` in compare.json.
 
 Throughput (env-steps/s) of each contender on each workload and number of envs:
 
@@ -44,13 +45,13 @@ from pathlib import Path
 
 from blas_threads import pin_blas_threads
 
+_LOADED = time.time()  # the run's wall time counts from here (see _process_start)
+
 if __name__ == "__main__":
     # Before numpy loads (the imports below load it): otherwise each of N worker processes
     # may start a BLAS pool of one thread per core and oversubscribe the cores being
     # measured. Workers inherit the setting; see blas_threads.py.
     pin_blas_threads()
-
-import psutil  # noqa: E402
 
 import survival  # noqa: E402
 import workloads  # noqa: E402
@@ -354,7 +355,10 @@ def main(argv=None) -> int:
 
 
 def _process_start() -> float:
-    return psutil.Process().create_time()
+    # When this script was loaded, not when its process began: a shell that runs
+    # `pip install ... && python benchmarks/compare.py` may exec python in its own process,
+    # whose start time would then count the install too.
+    return _LOADED
 
 
 def _ints(s: str) -> list[int]:
