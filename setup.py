@@ -40,6 +40,7 @@ EXTENSIONS = [
     ext("fastvec._ring", "fastvec/_ring.pyx", "csrc/ring.c"),
     ext("fastvec._raster", "fastvec/_raster.pyx", "csrc/raster.c"),
     ext("fastvec._stepper", "fastvec/_stepper.pyx"),
+    ext("fastvec._parent", "fastvec/_parent.pyx", "csrc/actions.c"),
     ext("fastvec.envs._fireobs", "fastvec/envs/_fireobs.pyx", "csrc/fireobs.c"),
 ]
 

@@ -2,6 +2,7 @@
 #include "ring.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -175,11 +176,11 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) 
 
 void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
                    const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
-                   uint32_t n, uint32_t opcode, uint32_t ring_index) {
+                   uint32_t n, uint32_t opcode, uint32_t ring_index, uint32_t flags) {
     fv_batch_arm(b, epoch, n);
     for (uint32_t i = 0; i < n; i++)
-        fv_request(ctls[i], seqs[i], opcode, ring_index, lens[i], masks[i], FV_REQ_COUNTED,
-                   epoch);
+        fv_request(ctls[i], seqs[i], opcode, ring_index, lens[i], masks[i],
+                   FV_REQ_COUNTED | flags, epoch);
     for (uint32_t i = 0; i < n; i++) sem_post(sems[i]);
 }
 
@@ -214,10 +215,52 @@ int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint6
     }
 }
 
-int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n) {
+static int64_t first_not_ok(fv_ctl *const *ctls, uint32_t n) {
     for (uint32_t i = 0; i < n; i++)
-        if (ctls[i]->status != FV_ST_OK) return (int64_t)i;
+        if (LOAD(&ctls[i]->status) != FV_ST_OK) return (int64_t)i;
     return -1;
+}
+
+int64_t fv_await_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
+                     int yield_cpu, sem_t *done, int64_t block_ns, const uint32_t *alarm,
+                     int *why) {
+    *why = FV_WAIT_OK;
+    int64_t i = fv_spin_all(ctls, seqs, n, spin_ns, yield_cpu);
+    if (i >= 0) {
+        uint64_t deadline = block_ns < 0 ? UINT64_MAX : fv_now_ns() + (uint64_t)block_ns;
+        for (;;) {
+            if (LOAD(alarm)) return i;
+            int64_t left = block_ns < 0 ? -1 : (int64_t)(deadline - fv_now_ns());
+            if (block_ns >= 0 && left < 0) left = 0;
+            int rc = left == 0 ? fv_sem_trywait(done) : fv_sem_wait(done, left);
+            i = first_owing(ctls, seqs, (uint32_t)i, n);
+            if (i < 0) break;
+            if (rc != FV_WAIT_OK) {
+                *why = rc;
+                return i;
+            }
+            /* woken, batch still owing: a stale post, or the watchdog's (alarm up) */
+        }
+    }
+    if (LOAD(alarm)) return 0;
+    return first_not_ok(ctls, n); /* resp_seq was loaded with acquire: status is current */
+}
+
+void fv_alarm_set(uint32_t *alarm, uint32_t value) { STORE(alarm, value); }
+
+int64_t fv_first_payload(fv_ctl *const *ctls, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++)
+        if (ctls[i]->resp_payload_len != 0) return (int64_t)i;
+    return -1;
+}
+
+uint32_t fv_sem_drain(sem_t *s) {
+    uint32_t n = 0;
+    for (;;) {
+        int rc = fv_sem_trywait(s);
+        if (rc == FV_WAIT_OK) n++;
+        else if (rc != FV_WAIT_INTR) return n;
+    }
 }
 
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,

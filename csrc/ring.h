@@ -90,6 +90,8 @@ enum {
 /* Request flags. */
 enum {
     FV_REQ_COUNTED = 1, /* part of an armed batch: post done only when the batch completes */
+    FV_REQ_NO_SPIN = 2, /* no core to spare for spinning (the parent sleeps for this reply):
+                           the worker sleeps for its next request too */
 };
 
 /* Reply status. */
@@ -195,18 +197,35 @@ int fv_sem_trywait(sem_t *s);
 
 /* Batched forms of the above, so that one call of the parent covers every worker.
    fv_send_batch: arm batch `epoch` for n requests, write each (seq seqs[i], mask masks[i],
-   side-buffer bytes lens[i]) flagged FV_REQ_COUNTED, then post every request semaphore.
+   side-buffer bytes lens[i]) flagged FV_REQ_COUNTED | flags, then post every request
+   semaphore.
    fv_spin_all: spin up to spin_ns until every ctls[i]->resp_seq == seqs[i]; returns the
    index of the first one still owing its reply, or -1 when all replied. It does not spin
    when a worker's previous request took longer than spin_ns (last_request_ns): a reply
    is worth spinning for only when it is expected within the spin window.
-   fv_first_bad_status: index of the first reply whose status is not FV_ST_OK, or -1. */
+   fv_await_all: the parent's whole wait for a batch: fv_spin_all, then sleep on `done`
+   (posted by the batch's last replier) for at most block_ns (< 0: no limit). A post that
+   is not the batch's (a stale one) sends it back to sleep; `*alarm` non-zero (the
+   watchdog found a failure, then posted) sends it back to the caller. Returns -1 when
+   every ctls[i] replied seqs[i] with FV_ST_OK and no alarm is up. Otherwise returns the
+   index of the first one still owing its reply or not OK (0 when all replied OK but the
+   alarm is up) and sets *why: FV_WAIT_OK (the replies are in, or the alarm is up),
+   FV_WAIT_TIMEOUT, FV_WAIT_INTR (run the signal handlers, call again with spin_ns 0) or
+   FV_WAIT_ERROR.
+   fv_first_payload: index of the first reply carrying side-buffer bytes, or -1.
+   fv_sem_drain: take every pending post of `s` without blocking; returns how many. */
 void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
                    const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
-                   uint32_t n, uint32_t opcode, uint32_t ring_index);
+                   uint32_t n, uint32_t opcode, uint32_t ring_index, uint32_t flags);
 int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
                     int yield_cpu);
-int64_t fv_first_bad_status(fv_ctl *const *ctls, uint32_t n);
+int64_t fv_await_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
+                     int yield_cpu, sem_t *done, int64_t block_ns, const uint32_t *alarm,
+                     int *why);
+/* The alarm word of fv_await_all, set from another thread. */
+void fv_alarm_set(uint32_t *alarm, uint32_t value);
+int64_t fv_first_payload(fv_ctl *const *ctls, uint32_t n);
+uint32_t fv_sem_drain(sem_t *s);
 
 /* Worker: wait for a request newer than `last`: spin up to spin_ns on req_seq, then block
    on the request semaphore `s` (a wake-up hint: a post a spin overtook is taken here, a

@@ -22,6 +22,7 @@ cdef extern from "ring.h" nogil:
         FV_OP_READY
     enum:
         FV_REQ_COUNTED
+        FV_REQ_NO_SPIN
     enum:
         FV_ST_OK
         FV_ST_ERROR
@@ -91,10 +92,16 @@ cdef extern from "ring.h" nogil:
         FV_WAIT_ERROR
     void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl **ctls, sem_t **sems,
                        const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
-                       uint32_t n, uint32_t opcode, uint32_t ring_index) noexcept
+                       uint32_t n, uint32_t opcode, uint32_t ring_index,
+                       uint32_t flags) noexcept
     int64_t fv_spin_all(fv_ctl **ctls, const uint64_t *seqs, uint32_t n,
                         uint64_t spin_ns, int yield_cpu) noexcept
-    int64_t fv_first_bad_status(fv_ctl **ctls, uint32_t n) noexcept
+    int64_t fv_await_all(fv_ctl **ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
+                         int yield_cpu, sem_t *done, int64_t block_ns,
+                         const uint32_t *alarm, int *why) noexcept
+    void fv_alarm_set(uint32_t *alarm, uint32_t value) noexcept
+    int64_t fv_first_payload(fv_ctl **ctls, uint32_t n) noexcept
+    uint32_t fv_sem_drain(sem_t *s) noexcept
     uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
                              int yield_cpu, int64_t block_ns) noexcept
     void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
@@ -116,3 +123,19 @@ cdef class Batch:
 
 cdef class Waiter:
     cdef sem_t *s
+
+
+cdef class StepPath:
+    cdef fv_ctl **ctls
+    cdef sem_t **sems
+    cdef uint64_t *seqs
+    cdef uint64_t *masks
+    cdef uint64_t *lens
+    cdef uint32_t n
+    cdef uint32_t alarm
+    cdef Batch batch
+    cdef Waiter done
+    cdef list _keep
+    cdef int send(self, uint32_t epoch, uint64_t first_seq, uint32_t opcode,
+                  uint32_t ring_index, uint32_t flags) except -1
+    cdef int64_t await_all(self, uint64_t spin_ns, bint yield_cpu, double timeout) except -2

@@ -5,7 +5,7 @@ This is the one place where ring.h status codes become Python exceptions.
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 cdef extern from "<semaphore.h>" nogil:
     sem_t *sem_open(const char *name, int oflag)
@@ -28,6 +28,7 @@ ST_MISMATCH = FV_ST_MISMATCH
 CTL_SIZE = FV_CTL_SIZE
 BATCH_SIZE = FV_BATCH_SIZE
 REQ_COUNTED = FV_REQ_COUNTED
+REQ_NO_SPIN = FV_REQ_NO_SPIN
 MAGIC = FV_MAGIC
 EXIT_ORPHANED = FV_EXIT_ORPHANED
 
@@ -367,71 +368,111 @@ cdef class Waiter:
 
 # -- batched calls: one C call per batch on the step path ------------------------------------
 
-cdef fv_ctl **_ctl_array(list ctls) except NULL:
-    cdef Py_ssize_t n = len(ctls), i
-    cdef fv_ctl **out = <fv_ctl **>malloc(max(n, 1) * sizeof(fv_ctl *))
-    if out == NULL:
-        raise MemoryError()
-    for i in range(n):
-        out[i] = (<Ctl>ctls[i]).c
-        if out[i] == NULL:
-            free(out)
-            raise RingError("control block used after release()")
-    return out
+cdef class StepPath:
+    """The step path of a fixed set of worker slots, as C arrays built once: every call
+    then covers all the workers in one C call without the GIL.
 
+    ``ctls``, ``sems`` (each slot's request semaphore, a Waiter) and ``masks`` (each
+    slot's env mask) are per slot, in order; ``done`` is the parent's done semaphore.
+    Build a new one whenever a slot gets a new process (a new request semaphore).
+    """
 
-def send_batch(Batch batch, uint32_t epoch, list ctls, list sems, const uint64_t[::1] seqs,
-               const uint64_t[::1] masks, const uint64_t[::1] lens, uint32_t opcode,
-               uint32_t ring_index):
-    """Arm batch ``epoch``, write one counted request per control block, post every
-    request semaphore (fv_send_batch)."""
-    cdef Py_ssize_t n = len(ctls), i
-    if len(sems) != n or seqs.shape[0] != n or masks.shape[0] != n or lens.shape[0] != n:
-        raise ValueError("send_batch: every argument needs one entry per control block")
-    if batch.b == NULL:
-        raise RingError("batch block used after release()")
-    cdef fv_ctl **c = _ctl_array(ctls)
-    cdef sem_t **s = <sem_t **>malloc(max(n, 1) * sizeof(sem_t *))
-    if s == NULL:
-        free(c)
-        raise MemoryError()
-    try:
+    def __cinit__(self, Batch batch, Waiter done, list ctls, list sems, masks):
+        cdef Py_ssize_t n = len(ctls), i
+        if len(sems) != n or len(masks) != n:
+            raise ValueError("StepPath: every argument needs one entry per control block")
+        if batch.b == NULL:
+            raise RingError("batch block used after release()")
+        if done.s == NULL:
+            raise RingError("semaphore used after close()")
+        self.n = <uint32_t>n
+        self.batch, self.done = batch, done
+        self._keep = [list(ctls), list(sems)]  # the buffers behind the pointers stay alive
+        self.ctls = <fv_ctl **>calloc(max(n, 1), sizeof(fv_ctl *))
+        self.sems = <sem_t **>calloc(max(n, 1), sizeof(sem_t *))
+        self.seqs = <uint64_t *>calloc(max(n, 1), sizeof(uint64_t))
+        self.masks = <uint64_t *>calloc(max(n, 1), sizeof(uint64_t))
+        self.lens = <uint64_t *>calloc(max(n, 1), sizeof(uint64_t))
+        if not (self.ctls and self.sems and self.seqs and self.masks and self.lens):
+            raise MemoryError()
         for i in range(n):
-            s[i] = (<Waiter>sems[i]).s
-            if s[i] == NULL:
+            self.ctls[i] = (<Ctl>ctls[i]).c
+            self.sems[i] = (<Waiter>sems[i]).s
+            if self.ctls[i] == NULL:
+                raise RingError("control block used after release()")
+            if self.sems[i] == NULL:
                 raise RingError("semaphore used after close()")
-        fv_send_batch(batch.b, epoch, c, s, &seqs[0] if n else NULL,
-                      &masks[0] if n else NULL, &lens[0] if n else NULL, <uint32_t>n,
-                      opcode, ring_index)
-    finally:
-        free(c)
-        free(s)
+            self.masks[i] = <uint64_t>masks[i]
 
+    def __dealloc__(self):
+        free(self.ctls)
+        free(self.sems)
+        free(self.seqs)
+        free(self.masks)
+        free(self.lens)
 
-def spin_all(list ctls, const uint64_t[::1] seqs, uint64_t spin_ns, bint yield_cpu=False):
-    """Spin without the GIL up to ``spin_ns`` until every control block answered its seq;
-    returns the index of the first one still owing, or -1."""
-    cdef Py_ssize_t n = len(ctls)
-    cdef int64_t i
-    if seqs.shape[0] != n:
-        raise ValueError("spin_all: one seq per control block")
-    if n == 0:
-        return -1
-    cdef fv_ctl **c = _ctl_array(ctls)
-    try:
+    cdef int send(self, uint32_t epoch, uint64_t first_seq, uint32_t opcode,
+                  uint32_t ring_index, uint32_t flags) except -1:
+        cdef uint32_t i
+        if self.batch.b == NULL:
+            raise RingError("batch block used after release()")
+        for i in range(self.n):
+            self.seqs[i] = first_seq + i
         with nogil:
-            i = fv_spin_all(c, &seqs[0], <uint32_t>n, spin_ns, yield_cpu)
-    finally:
-        free(c)
-    return i
+            fv_send_batch(self.batch.b, epoch, self.ctls, self.sems, self.seqs, self.masks,
+                          self.lens, self.n, opcode, ring_index, flags)
+        return 0
 
+    cdef int64_t await_all(self, uint64_t spin_ns, bint yield_cpu, double timeout) except -2:
+        """-1 when every slot replied OK; else (``timeout`` s ran out, a reply is not OK,
+        the alarm is up) the index of the first slot still owing its reply or not OK, and
+        the caller takes the careful path. Signal handlers run on EINTR; their exceptions
+        propagate."""
+        cdef int why = FV_WAIT_OK
+        cdef int64_t i, block
+        cdef uint64_t deadline = fv_now_ns() + <uint64_t>(max(0.0, timeout) * 1e9)
+        if self.n == 0:
+            return -1
+        if self.done.s == NULL:
+            raise RingError("semaphore used after close()")
+        while True:
+            block = <int64_t>deadline - <int64_t>fv_now_ns()
+            with nogil:
+                fv_sem_drain(self.done.s)  # posts a finished wait did not need
+                i = fv_await_all(self.ctls, self.seqs, self.n, spin_ns, yield_cpu,
+                                 self.done.s, block if block > 0 else 0, &self.alarm, &why)
+            if i < 0 or why != FV_WAIT_INTR:
+                return i
+            _run_signal_handlers()
+            spin_ns = 0
 
-def first_bad_status(list ctls):
-    """Index of the first control block whose reply status is not ST_OK, or -1."""
-    cdef Py_ssize_t n = len(ctls)
-    if n == 0:
-        return -1
-    cdef fv_ctl **c = _ctl_array(ctls)
-    cdef int64_t i = fv_first_bad_status(c, <uint32_t>n)
-    free(c)
-    return i
+    def send_batch(self, uint32_t epoch, uint64_t first_seq, uint32_t opcode,
+                   uint32_t ring_index, uint32_t flags=0):
+        """Arm batch ``epoch``, write request ``first_seq + i`` (flagged REQ_COUNTED |
+        ``flags``) into slot i's control block, post every request semaphore."""
+        self.send(epoch, first_seq, opcode, ring_index, flags)
+
+    def wait_all(self, uint64_t spin_ns, bint yield_cpu=True, double timeout=0.0):
+        """Spin up to ``spin_ns``, then sleep on the done semaphore up to ``timeout`` s or
+        until the alarm is raised. -1 when every slot replied its request of the last
+        send_batch with ST_OK (and no alarm is up), else the index of the first slot that
+        did not."""
+        return self.await_all(spin_ns, yield_cpu, timeout)
+
+    def raise_alarm(self):
+        """Send a wait (this one, or the next) back to its caller: call it (from any
+        thread) after flagging a failure, before posting the done semaphore."""
+        fv_alarm_set(&self.alarm, 1)
+
+    def clear_alarm(self):
+        """The caller is looking at every failure now."""
+        fv_alarm_set(&self.alarm, 0)
+
+    def first_payload(self):
+        """Index of the first slot whose reply carries side-buffer bytes, or -1."""
+        return fv_first_payload(self.ctls, self.n)
+
+    @property
+    def expected(self):
+        """The seq each slot owes a reply to (those of the last send_batch)."""
+        return [self.seqs[i] for i in range(self.n)]

@@ -15,8 +15,8 @@ from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBu
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from fastvec._ring cimport (FV_OP_CLOSE, FV_OP_STEP, FV_REQ_COUNTED, FV_ST_OK, Batch, Ctl,
-                            Waiter, fv_ctl)
+from fastvec._ring cimport (FV_OP_CLOSE, FV_OP_STEP, FV_REQ_COUNTED, FV_REQ_NO_SPIN, FV_ST_OK,
+                            Batch, Ctl, Waiter, fv_ctl)
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -280,7 +280,8 @@ def serve(worker):
     cdef uint64_t n
     cdef list no_pickled = [None] * len(worker.envs)
     while True:
-        seq = ctl.wait_request(req, seq, spin, True)
+        # the parent says whether a core is free for spinning (see Supervisor.spin_ns)
+        seq = ctl.wait_request(req, seq, 0 if c.flags & FV_REQ_NO_SPIN else spin, True)
         if kernel is not None and c.opcode == FV_OP_STEP and c.req_payload_len == 0:
             flags, epoch = c.flags, c.batch_epoch
             ctl.begin()

@@ -108,8 +108,10 @@ class Options:
         (sched_yield between rounds of polls), so a process with real work on it (another
         worker, another job) runs instead of waiting out a timeslice behind a spinner;
         measured on 2 cores, that kept 16 workers faster spinning than sleeping. With one
-        usable core nothing can answer while we spin: sleep at once. "auto" spins
-        AUTO_SPIN_US; 0 always sleeps."""
+        usable core nothing can answer while we spin: sleep at once. ``cores`` counts the
+        cores the parent and its workers may run on together (Supervisor.cores_in_reach,
+        looked at again every 256 steps, so pinning them after construction counts); the
+        workers follow the parent's choice. "auto" spins AUTO_SPIN_US; 0 always sleeps."""
         if self.context == "serial" or cores < 2:
             return 0
         us = AUTO_SPIN_US if self.spin_us == "auto" else float(self.spin_us)

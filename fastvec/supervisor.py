@@ -38,6 +38,8 @@ from fastvec.worker import InProcess, WorkerSpec, worker_main
 log = logging.getLogger("fastvec")
 
 _LATENCY_WINDOW = 512
+_SLICE = 1.0  # the step path's longest sleep in C before it looks at the watchdog
+_SPIN_RECHECK = 256  # batches between two looks at the cores in reach (Options.spin_ns)
 _FAILED_POLL = 0.002  # once a worker failed, the batch counter never completes: poll
 
 
@@ -115,19 +117,6 @@ class Slot:
         return (1 << len(self.env_indices)) - 1
 
 
-class BatchPath:
-    """The arrays the batched C calls take, for every slot in order; rebuilt whenever a
-    slot gets a new process (a new request semaphore)."""
-
-    def __init__(self, slots: list[Slot]):
-        self.ctls = [s.ctl for s in slots]
-        self.sems = [s.req_post for s in slots]
-        self.masks = np.array([s.env_mask() for s in slots], np.uint64)
-        self.lens = np.zeros(len(slots), np.uint64)
-        self.seqs = np.zeros(len(slots), np.uint64)
-        self.offsets = np.arange(len(slots), dtype=np.uint64)
-
-
 class Supervisor:
     def __init__(self, *, options: Options, ctx, prefix: str, names: Names, main: Segment,
                  plan, slots_envs: list, env_fns: list, single_spaces: tuple,
@@ -159,8 +148,9 @@ class Supervisor:
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
-        self._batch_path: BatchPath | None = None
+        self._step_path: _ring.StepPath | None = None
         self.spin_ns = options.spin_ns(len(os.sched_getaffinity(0)))
+        self._batches = 0  # send_all calls, to look at the cores again now and then
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -179,37 +169,74 @@ class Supervisor:
         if self.serial and slot.process is not None:
             slot.process.serve_one()
 
-    def _batched(self) -> "BatchPath":
-        if self._batch_path is None:
-            self._batch_path = BatchPath(self.slots)
-        return self._batch_path
+    def _path(self) -> _ring.StepPath:
+        """The C arrays of the step path, rebuilt whenever a slot got a new process."""
+        if self._step_path is None:
+            self._step_path = _ring.StepPath(self.batch, self.done_waiter,
+                                             [s.ctl for s in self.slots],
+                                             [s.req_post for s in self.slots],
+                                             [s.env_mask() for s in self.slots])
+            if any(s.failure is not None for s in self.slots):
+                self._step_path.raise_alarm()  # flagged before this path existed
+        return self._step_path
+
+    def batchable(self) -> bool:
+        """Whether the next step can go to every slot in one C call (no slot replaced
+        since the last step, none disabled, workers in their own processes)."""
+        return not (self.serial or any(s.lost is not None or s.disabled is not None
+                                       for s in self.slots))
+
+    def _spin_flags(self) -> int:
+        return _ring.REQ_NO_SPIN if self.spin_ns == 0 else 0
+
+    def cores_in_reach(self) -> int:
+        """How many cores this process and its workers may run on together (their
+        affinities, which a user or a benchmark may pin after construction)."""
+        cpus = set(os.sched_getaffinity(0))
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid is not None:
+                try:
+                    cpus |= os.sched_getaffinity(slot.process.pid)
+                except OSError:  # the worker just exited: the watchdog will say so
+                    pass
+        return len(cpus)
 
     def send_all(self, op: int, ring: int) -> None:
-        """The step path: the same request to every slot, in one C call (fv_send_batch)."""
-        path = self._batched()
+        """The step path: the same request to every slot, in one C call (fv_send_batch).
+        Every _SPIN_RECHECK batches the spin policy follows the cores in reach, and the
+        workers follow the parent's (REQ_NO_SPIN)."""
+        if self._batches % _SPIN_RECHECK == 0 and not self.serial:
+            self.spin_ns = self.options.spin_ns(self.cores_in_reach())
+        self._batches += 1
+        path = self._path()
         n = len(self.slots)
         self.epoch = (self.epoch + 1) & 0xFFFFFFFF
         first = self.seq + 1
-        np.add(path.offsets, first, out=path.seqs)
         self.seq += n
         for slot, seq in zip(self.slots, range(first, first + n)):
             slot.expected = seq
-        _ring.send_batch(self.batch, self.epoch, path.ctls, path.sems, path.seqs, path.masks,
-                         path.lens, op, ring)
+        path.send_batch(self.epoch, first, op, ring, self._spin_flags())
 
     def wait_all(self, timeout: float | None) -> list[Slot]:
-        """Wait for the replies to :meth:`send_all`: spin in C while that pays (see
-        ``Options.spin_ns``); when every slot answered OK and none is flagged, return at
-        once, else take :meth:`wait`'s careful path."""
-        path = self._batch_path
-        self._drain()  # the batch's post (if it came) is not needed: resp_seq is the truth
-        if (path is not None
-                and _ring.spin_all(path.ctls, path.seqs, self.spin_ns, True) < 0
-                and _ring.first_bad_status(path.ctls) < 0
-                and not any(s.failure is not None for s in self.slots)):
-            self._check_watchdog()
-            return []
+        """Wait for the replies to :meth:`send_all` in one C call: spin while that pays
+        (see ``Options.spin_ns``), then sleep on the done semaphore. When every slot
+        answered OK and none is flagged, return at once; else (a reply not OK, the
+        watchdog's alarm, a second without replies) take :meth:`wait`'s careful path."""
+        path = self._step_path
+        if path is not None:
+            if timeout is None:
+                if path.wait_all(self.spin_ns, True, _SLICE) < 0:
+                    return []
+            else:
+                t0 = time.monotonic()
+                if path.wait_all(self.spin_ns, True, min(max(timeout, 0.0), _SLICE)) < 0:
+                    return []
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
         return self.wait(self.slots, timeout, spin=False)  # spun already: sleep now
+
+    def payload_replies(self) -> bool:
+        """Whether a reply of the last :meth:`send_all` carries side-buffer bytes."""
+        return self._step_path is None or self._step_path.first_payload() >= 0
 
     def send(self, items: list) -> None:
         """A batch of requests ``(slot, op, ring, payload_len, mask or None)``; the last
@@ -222,8 +249,8 @@ class Supervisor:
             seq = self.next_seq()
             slot.expected = seq
             slot.ctl.request(seq, op, ring, payload_len,
-                             slot.env_mask() if mask is None else mask, _ring.REQ_COUNTED,
-                             self.epoch)
+                             slot.env_mask() if mask is None else mask,
+                             _ring.REQ_COUNTED | self._spin_flags(), self.epoch)
         for item in items:
             item[0].req_post.post()
         if self.serial:
@@ -242,7 +269,7 @@ class Supervisor:
         opts = self.options
         with self.lock:
             try:
-                self._batch_path = None  # a new semaphore: rebuild the batched view
+                self._step_path = None  # a new semaphore: rebuild the C arrays
                 if slot.req_sem is not None:
                     slot.req_sem.close()
                     slot.req_post.close()
@@ -390,6 +417,8 @@ class Supervisor:
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
         sem, spin = self.done_waiter, self.spin_ns if spin else 0
+        if self._step_path is not None:
+            self._step_path.clear_alarm()  # every failure is looked at below
         self._drain()
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
@@ -465,6 +494,9 @@ class Supervisor:
                 return
             failure.seq = slot.expected
             slot.failure = failure
+            path = self._step_path
+            if path is not None:
+                path.raise_alarm()  # a sleeping wait_all returns to look at it
         log.debug("watchdog: worker %d %s: %s", slot.index, failure.reason, failure.detail)
         self.done_sem.release()
 
@@ -624,6 +656,7 @@ class Supervisor:
             slot.ctl.release()
             slot.payload.close()
         self.batch.release()
+        self._step_path = None  # its pointers go with the semaphores
         self.done_waiter.close()
         self.done_sem.close()
         for fd in (self._wake_r, self._wake_w):

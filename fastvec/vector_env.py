@@ -25,7 +25,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import (CloudpickleWrapper, batch_differing_spaces, batch_space,
                                     concatenate, create_empty_array)
 
-from fastvec import _raster, _ring
+from fastvec import _parent, _raster, _ring
 from fastvec.batches import FirstReadyBatches
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesError,
                             FastVecError, InvalidActionError, NoAsyncCallError, RemoteTraceback,
@@ -307,6 +307,12 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._pobs = [[None] * self.num_envs for _ in range(opts.ring_depth)]  # pickled leaves
         self._action_history = [np.zeros((4, *a.shape), a.dtype) for a in self._views.act
                                 if a is not None]
+        # the compiled step path (fastvec/_parent.pyx) where the spaces allow it
+        self._act_writer = self._action_writer()
+        self._results = (_parent.Results(self._views.obs[0], self._views.reward,
+                                         self._views.terminated, self._views.truncated,
+                                         self.copy)
+                         if self._single_obs_leaf and not self._plan.pickled_obs else None)
         self._steps = 0
 
     # -- properties of the contract ------------------------------------------------------
@@ -439,14 +445,21 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 f"envs {np.flatnonzero(self._needs_reset).tolist()} ended their episode and "
                 "autoreset_mode is DISABLED: reset them first with "
                 "reset(options={'reset_mask': mask})")
+        r = (self._ring + 1) % self.options.ring_depth
+        sup = self._sup
+        if self._act_writer is not None and sup.batchable() and self._act_writer.write(
+                actions, self._steps):
+            self._pacts = {}
+            self._align_rings()
+            sup.send_all(_ring.OP_STEP, r)  # every worker steps all its envs: one C call
+            self._pending = PendingStep(r, sup.slots, batched=True)
+            self._state = State.WAITING_STEP
+            return
         flat = self._flat_actions(actions, self.num_envs)
         self._write_actions(flat, self._all_envs)
         self._align_rings()
-        r = (self._ring + 1) % self.options.ring_depth
-        sup = self._sup
-        if not (self._pacts or sup.serial or any(
-                s.lost is not None or s.disabled is not None for s in sup.slots)):
-            sup.send_all(_ring.OP_STEP, r)  # every worker steps all its envs: one C call
+        if not self._pacts and sup.batchable():
+            sup.send_all(_ring.OP_STEP, r)
             self._pending = PendingStep(r, sup.slots, batched=True)
             self._state = State.WAITING_STEP
             return
@@ -555,19 +568,25 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         """step_wait's common case: every worker answered OK, nothing to replace or recycle."""
         self._state = State.DEFAULT
         self._steps += 1
-        v = self._views
         slots = self._sup.slots
-        infos = self._step_infos(slots, r)
+        if self._infos.n or self._sup.payload_replies():
+            infos = self._step_infos(slots, r)
+        else:
+            infos = {}
         if self._steps % _LATENCY_SAMPLE == 1:  # the first step, then every 4th
             self._sup.record_latency(slots)
-        terminated = v.terminated[r].copy()
-        truncated = v.truncated[r].copy()
+        if self._results is not None:
+            obs, reward, terminated, truncated = self._results.get(r)
+        else:
+            v = self._views
+            obs, reward = self._observations(r), v.reward[r].copy()
+            terminated, truncated = v.terminated[r].copy(), v.truncated[r].copy()
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= terminated | truncated
         self._ring = r
         self._env_ring[:] = r
         self._infos.publish()
-        return self._observations(r), v.reward[r].copy(), terminated, truncated, infos
+        return obs, reward, terminated, truncated, infos
 
     def _step_infos(self, slots: list[Slot], r: int) -> dict:
         """Every env's infos of ring slot ``r``: the typed columns in a few array
@@ -681,7 +700,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             except Exception:  # noqa: BLE001 - closing anyway, in stages
                 terminate = True
         self._state = State.DEFAULT
-        self._views = self._infos = None
+        self._views = self._infos = self._act_writer = self._results = None
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
@@ -733,6 +752,18 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             return check_actions(self._plan.act_leaves, flat, n)
         return [split_pickled(leaf.space, a) if leaf.pickled else np.asarray(a)
                 for leaf, a in zip(self._plan.act_leaves, flat)]
+
+    def _action_writer(self) -> _parent.ActionWriter | None:
+        """The compiled action check and copy, for a space with one fixed leaf whose
+        bounds it can check (see fastvec/_parent.pyx); None: the Python path."""
+        leaves = self._plan.act_leaves
+        if len(leaves) != 1 or leaves[0].pickled or leaves[0].path != ():
+            return None
+        check = self.options.validate_actions
+        if check and _parent.bounds(leaves[0].space, leaves[0].dtype) is None:
+            return None
+        return _parent.ActionWriter(leaves[0], self._views.act[0], self._action_history[0],
+                                    check)
 
     def _write_actions(self, flat: list, ids: np.ndarray) -> None:
         """Fixed action leaves into their shared-memory rows (and the failure log's

@@ -638,39 +638,103 @@ def blocks(n):
     return buf, ctls, _ring.Batch(buf, n * _ring.CTL_SIZE)
 
 
-def test_send_batch_arms_writes_every_request_and_posts_every_semaphore(named_semaphores):
-    buf, ctls, batch = blocks(3)
-    sems = [named_semaphores() for _ in range(3)]
-    seqs = np.array([11, 12, 13], np.uint64)
-    masks = np.array([1, 3, 7], np.uint64)
-    lens = np.array([0, 5, 0], np.uint64)
-    _ring.send_batch(batch, 9, ctls, [w for _, w in sems], seqs, masks, lens, _ring.OP_STEP, 1)
-    assert batch.remaining == 3 and batch.epoch == 9
+def step_path(n, named_semaphores):
+    buf, ctls, batch = blocks(n)
+    sems = [named_semaphores() for _ in range(n)]
+    done, done_w = named_semaphores()
+    path = _ring.StepPath(batch, done_w, ctls, [w for _, w in sems], [1, 3, 7][:n])
+    return buf, ctls, batch, sems, (done, done_w), path
+
+
+def test_step_path_send_arms_writes_every_request_and_posts_every_semaphore(named_semaphores):
+    buf, ctls, batch, sems, _, path = step_path(3, named_semaphores)
+    path.send_batch(9, 11, _ring.OP_STEP, 1, _ring.REQ_NO_SPIN)
+    assert batch.remaining == 3 and batch.epoch == 9 and path.expected == [11, 12, 13]
     for w, ctl in enumerate(ctls):
         assert (ctl.req_seq, ctl.opcode, ctl.ring_index) == (11 + w, _ring.OP_STEP, 1)
-        assert (ctl.env_mask, ctl.req_payload_len) == (int(masks[w]), int(lens[w]))
-        assert ctl.flags == _ring.REQ_COUNTED and ctl.batch_epoch == 9
+        assert (ctl.env_mask, ctl.req_payload_len) == ([1, 3, 7][w], 0)
+        assert ctl.flags == _ring.REQ_COUNTED | _ring.REQ_NO_SPIN and ctl.batch_epoch == 9
     assert [sem.value for sem, _ in sems] == [1, 1, 1]
     with pytest.raises(ValueError, match="one entry per control block"):
-        _ring.send_batch(batch, 10, ctls, [w for _, w in sems][:2], seqs, masks, lens, 2, 0)
+        _ring.StepPath(batch, sems[0][1], ctls, [w for _, w in sems][:2], [1, 3, 7])
+    ctls[0].release()
+    with pytest.raises(RingError, match="after release"):
+        _ring.StepPath(batch, sems[0][1], ctls, [w for _, w in sems], [1, 3, 7])
 
 
-def test_spin_all_and_first_bad_status():
-    buf, ctls, _ = blocks(3)
-    seqs = np.array([11, 12, 13], np.uint64)
-    assert _ring.spin_all(ctls, seqs, 0) == 0
+def test_step_path_wait_spins_sleeps_and_checks_every_status(named_semaphores):
+    buf, ctls, batch, sems, (done, done_w), path = step_path(3, named_semaphores)
+    path.send_batch(4, 11, _ring.OP_STEP, 0)
+    assert path.wait_all(0) == 0  # nothing replied, no time to wait
     ctls[0].complete(11, _ring.ST_OK)
     ctls[2].complete(13, _ring.ST_ERROR)
-    assert _ring.spin_all(ctls, seqs, 20_000) == 1  # gives up on the one still owing
-    assert _ring.spin_all(ctls, seqs, 20_000, True) == 1  # yielding spins give up too
+    t0 = time.monotonic()
+    assert path.wait_all(20_000, True, 0.05) == 1  # spins, sleeps 50 ms, gives up on 1
+    assert 0.04 < time.monotonic() - t0 < 5
     ctls[1].complete(12, _ring.ST_OK)
-    assert _ring.spin_all(ctls, seqs, 10**12) == -1
-    assert _ring.first_bad_status(ctls) == 2
-    assert _ring.first_bad_status(ctls[:2]) == -1
-    assert _ring.spin_all([], np.zeros(0, np.uint64), 10) == -1
-    ctls[0].release()
-    with pytest.raises(RingError):
-        _ring.spin_all(ctls, seqs, 0)
+    assert path.wait_all(10**12) == 2  # all replied: the first that is not OK
+    ctls[2].complete(13, _ring.ST_OK)
+    assert path.wait_all(10**12) == -1
+    assert path.first_payload() == -1
+    ctls[1].complete(12, _ring.ST_OK, 5)
+    assert path.first_payload() == 1
+
+
+def test_step_path_wait_wakes_on_the_done_post_and_drains_stale_posts(named_semaphores):
+    buf, ctls, batch, sems, (done, done_w), path = step_path(2, named_semaphores)
+    path.send_batch(5, 21, _ring.OP_STEP, 0)
+    done.release()
+    done.release()  # stale posts of earlier batches: drained, not taken for this one
+    ctls[0].complete(21, _ring.ST_OK)
+    timer = threading.Timer(0.05, lambda: (ctls[1].complete(22, _ring.ST_OK), done.release()))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        assert path.wait_all(0, True, 30.0) == -1  # woken by the post, long before 30 s
+    finally:
+        timer.join()
+    assert time.monotonic() - t0 < 5
+    path.send_batch(6, 23, _ring.OP_STEP, 0)
+    timer = threading.Timer(0.05, done.release)  # a stale post: sleeps on
+    timer.start()
+    try:
+        assert path.wait_all(0, True, 0.3) == 0
+    finally:
+        timer.join()
+    assert 0.25 < time.monotonic() - t0 < 10
+    t0 = time.monotonic()
+    timer = threading.Timer(0.05, lambda: (path.raise_alarm(), done.release()))
+    timer.start()  # the watchdog found a failure: back to the caller at once
+    try:
+        assert path.wait_all(0, True, 30.0) == 0
+    finally:
+        timer.join()
+    assert time.monotonic() - t0 < 5
+    ctls[0].complete(23, _ring.ST_OK)
+    ctls[1].complete(24, _ring.ST_OK)
+    assert path.wait_all(0) == 0  # all OK, but the alarm is up: the careful path
+    path.clear_alarm()
+    assert path.wait_all(0) == -1
+
+
+def test_step_path_wait_runs_signal_handlers(named_semaphores):
+    buf, ctls, batch, sems, _, path = step_path(1, named_semaphores)
+    path.send_batch(7, 11, _ring.OP_STEP, 0)
+
+    def handler(signum, frame):
+        raise TimeoutError("deadline")
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR2))
+    try:
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(TimeoutError, match="deadline"):
+            path.wait_all(0, True, 60.0)
+        assert time.monotonic() - t0 < 5
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR2, old)
 
 
 def test_reply_posts_done_once_per_batch(named_semaphores):
@@ -754,12 +818,12 @@ def test_no_spin_for_replies_expected_after_a_slow_request(named_semaphores):
     """Spinning pays only for a reply expected within the spin window: after a request that
     took longer (last_request_ns), both sides sleep at once instead of taking CPU from the
     workers. (With the spin, each call below would spin for 500 s.)"""
-    buf, ctls, _ = blocks(2)
-    seqs = np.array([11, 12], np.uint64)
+    buf, ctls, batch, sems, _, path = step_path(2, named_semaphores)
+    path.send_batch(3, 11, _ring.OP_STEP, 0)
     ctls[0].complete(11, _ring.ST_OK)
     put_raw(buf, "last_request_ns", 10**12, base=_ring.CTL_SIZE)  # worker 1 was slow
     t0 = time.monotonic()
-    assert _ring.spin_all(ctls, seqs, 5 * 10**11, True) == 1
+    assert path.wait_all(5 * 10**11, True, 0.0) == 1
     _, waiter = named_semaphores()
 
     def handler(signum, frame):
@@ -770,7 +834,7 @@ def test_no_spin_for_replies_expected_after_a_slow_request(named_semaphores):
     try:
         timer.start()
         with pytest.raises(TimeoutError, match="slept"):
-            ctls[1].wait_request(waiter, 10, 5 * 10**11, True)
+            ctls[1].wait_request(waiter, 12, 5 * 10**11, True)
     finally:
         timer.join()
         signal.signal(signal.SIGUSR2, old)
