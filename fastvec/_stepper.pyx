@@ -86,8 +86,9 @@ cdef class InfoWriter:
     cdef int64_t[:, :, ::1] ivals
     cdef double[:, :, ::1] fvals
     cdef unsigned char[:, :, ::1] present
+    cdef object arena
     cdef uint64_t seen
-    cdef list keys, types
+    cdef list keys, types, shapes, dtypes, arrays
     cdef list kinds
     cdef dict index
     cdef Py_ssize_t n
@@ -98,8 +99,10 @@ cdef class InfoWriter:
         self.ivals = views.info_values
         self.fvals = views.info_values.view(np.float64)
         self.present = views.info_present
+        self.arena = views.info_arrays
         self.seen = 0
-        self.keys, self.types, self.kinds, self.index, self.n = [], [], [], {}, 0
+        self.keys, self.types, self.shapes, self.dtypes, self.arrays = [], [], [], [], []
+        self.kinds, self.index, self.n = [], {}, 0
 
     def release(self):
         self.version = None
@@ -107,12 +110,18 @@ cdef class InfoWriter:
         self.ivals = None
         self.fvals = None
         self.present = None
+        self.arena = None
+        self.arrays = []
 
     cdef int _load(self) except -1:
         schema = _infos.decode_schema(self.blob)
-        self.keys = [k for k, _ in schema]
-        self.types = [t for _, t in schema]
+        self.keys = [k for k, _, _, _ in schema]
+        self.types = [t for _, t, _, _ in schema]
+        self.shapes = [shape for _, _, shape, _ in schema]
         self.kinds = [_infos.kind_of(t) for t in self.types]
+        self.dtypes = [np.dtype(t) for t in self.types]
+        self.arrays = [None if shape is None else _infos.array_view(self.arena, off, t, shape)
+                       for _, t, shape, off in schema]
         self.index = {k: c for c, k in enumerate(self.keys)}
         self.n = len(schema)
         self.seen = self.version[0]
@@ -131,15 +140,24 @@ cdef class InfoWriter:
             return info if info else None
         for c in range(self.n):
             v = (<dict>info).get(self.keys[c], _MISSING)
-            if v is _MISSING or type(v) is not self.types[c]:
+            if v is _MISSING:
                 continue
-            try:
-                if self.kinds[c] == 1:
-                    self.fvals[ring, i, c] = v
-                else:
-                    self.ivals[ring, i, c] = v
-            except OverflowError:  # an int beyond int64: it travels pickled
+            shape = self.shapes[c]
+            if shape is not None:  # an array column: exactly its dtype and shape
+                if (type(v) is not _ndarray or v.shape != shape
+                        or v.dtype != self.dtypes[c]):
+                    continue
+                self.arrays[c][ring, i] = v
+            elif type(v) is not self.types[c]:
                 continue
+            else:
+                try:
+                    if self.kinds[c] == 1:
+                        self.fvals[ring, i, c] = v
+                    else:
+                        self.ivals[ring, i, c] = v
+                except OverflowError:  # an int beyond int64: it travels pickled
+                    continue
             p[c] = 1
             taken += 1
         if taken == 0:

@@ -156,6 +156,7 @@ class Plan:
         self.info_blob = region((infos.BLOB_BYTES,), np.uint8)
         self.info_values = region((depth, num_envs, infos.COLUMNS), np.int64)
         self.info_present = region((depth, num_envs, infos.COLUMNS), np.uint8)
+        self.info_arrays = region((depth, num_envs, infos.ARRAY_BYTES), np.uint8)
         self.size = offset
 
     def views(self, buf) -> "Views":
@@ -175,11 +176,13 @@ class Views:
         self.info_blob = plan.info_blob.view(buf)
         self.info_values = plan.info_values.view(buf)
         self.info_present = plan.info_present.view(buf)
+        self.info_arrays = plan.info_arrays.view(buf)
 
     def release(self) -> None:
         self.obs = self.act = []
         self.reward = self.terminated = self.truncated = None
         self.info_version = self.info_blob = self.info_values = self.info_present = None
+        self.info_arrays = None
 
 
 def write_leaf(dst: np.ndarray, leaf: Leaf, value: Any) -> None:

@@ -154,8 +154,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         validate_actions: check actions against the action space before sending (bounds too).
         info_spec: ``{key: type}`` of info values that travel in typed shared-memory
             columns from the first step (``int``, ``float``, ``bool``, numpy integer/float
-            scalar types). Without it, such keys get columns once seen (fastvec/infos.py);
-            other values are pickled. Results are the same either way.
+            scalar types, or ``(dtype, shape)`` of a numeric array). Without it, such keys
+            get columns once seen (fastvec/infos.py); other values are pickled. Results are
+            the same either way.
         batch_size: enables ``send``/``recv``: ``recv`` returns the first ``batch_size`` envs
             to finish (NEXT_STEP only, ``envs_per_worker=1``); ``step`` stays lockstep.
         spin_us: microseconds the parent and workers spin on the ring before sleeping on

@@ -14,7 +14,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from fastvec import FastVectorEnv
-from fastvec.infos import COLUMNS, check_spec, learnable
+from fastvec.infos import ARRAY_BYTES, COLUMNS, check_spec, column_of, learnable
 from test_equivalence import assert_same
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,6 +198,82 @@ def test_learnable_values():
     for value in ("s", None, np.bool_(True), np.uint64(1), np.complex64(1), np.ones(2),
                   np.longdouble(1), {"a": 1}):
         assert not learnable(value), value
+
+
+class ArrayInfoEnv(InfoEnv):
+    """Fixed-shape array infos (a heat profile, a grid of counts, a bool mask); ``odd``
+    envs sometimes change a dtype, return a big-endian array, and one too large for the
+    arena. (Another shape under a key makes gymnasium's own batching raise.)"""
+
+    def step(self, action):
+        obs, reward, done, trunc, info = super().step(action)
+        t = self.t
+        info["heat"] = np.linspace(0, t, 3, dtype=np.float32)
+        info["cells"] = np.arange(4, dtype=np.int64).reshape(2, 2) * t
+        info["burning"] = np.array([t % 2 == 0, True])
+        info["scalar0d"] = np.array(t * 1.5)
+        if self.odd:
+            if t % 3 == 0:
+                info["heat"] = np.zeros(3, np.float64)  # another dtype
+            if t % 4 == 0:
+                info["cells"] = info["cells"].astype(np.int32)  # another dtype
+            if t % 5 == 0:
+                info["burning"] = info["burning"].astype(">i2")  # not native
+            info["big"] = np.zeros(ARRAY_BYTES, np.uint8)  # never fits the arena
+        return obs, reward, done, trunc, info
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("envs_per_worker", [1, 2])
+def test_array_infos_get_columns_and_match_sync(mode, envs_per_worker):
+    fast = run_both([ArrayInfoEnv] * 3, mode, envs_per_worker=envs_per_worker)
+    try:
+        assert {"heat", "cells", "burning", "scalar0d"} <= set(fast._infos.keys)
+        fast.reset(seed=1)
+        for _ in range(5):  # every info value sits in a column
+            fast.step(np.ones(3, np.int64))
+            assert payload_bytes(fast) == [0] * len(fast._sup.slots)
+    finally:
+        fast.close()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_array_infos_of_other_shapes_and_dtypes_match_sync(mode):
+    fns = [ArrayInfoEnv, functools.partial(ArrayInfoEnv, odd=True), ArrayInfoEnv,
+           functools.partial(ArrayInfoEnv, odd=True, length=6)]
+    fast = run_both(fns, mode, steps=60, envs_per_worker=2)
+    try:
+        assert "big" not in fast._infos.keys
+    finally:
+        fast.close()
+
+
+def test_declared_array_columns_pickle_nothing_from_the_first_step():
+    spec = {"burned_cells": int, "sim_minutes": float, "f32": np.float32, "i8": np.int8,
+            "u32": "uint32", "on_fire": bool, "heat": (np.float32, (3,)),
+            "cells": ("int64", (2, 2)), "burning": (bool, (2,)), "scalar0d": (np.float64, ())}
+    env = FastVectorEnv([ArrayInfoEnv] * 2, info_spec=spec)
+    try:
+        env.reset(seed=0)
+        _, _, _, _, info = env.step(np.ones(2, np.int64))
+        assert payload_bytes(env) == [0, 0]
+        assert info["heat"].dtype == np.float32 and info["heat"].shape == (2, 3)
+        assert info["cells"].tolist() == [[[0, 1], [2, 3]]] * 2 and info["_cells"].all()
+        assert info["scalar0d"].shape == (2,) and info["scalar0d"].tolist() == [1.5, 1.5]
+    finally:
+        env.close()
+
+
+def test_array_columns_fill_the_arena_and_no_further():
+    assert column_of(np.zeros(3, np.float32)) == (np.float32, (3,))
+    assert column_of(np.zeros(ARRAY_BYTES + 1, np.uint8)) is None
+    assert column_of(np.zeros(2, np.complex64)) is None and column_of(np.zeros(2, ">f4")) is None
+    half = {"a": (np.uint8, (ARRAY_BYTES // 2,)), "b": (np.uint8, (ARRAY_BYTES // 2,))}
+    assert set(check_spec(half)) == {"a", "b"}
+    with pytest.raises(ValueError, match="arena holds"):
+        check_spec({**half, "c": (np.uint8, (8,))})
+    with pytest.raises(ValueError, match="array column"):
+        check_spec({"a": (object, (2,))})
 
 
 @pytest.mark.parametrize("spec,match", [
