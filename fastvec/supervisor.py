@@ -292,7 +292,8 @@ class Supervisor:
                     generation=slot.generation, start_seq=start_seq,
                     heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
                     max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
-                    spin_ns=self.spin_ns, pending_seeds=pending_seeds,
+                    # the window; whether to spin at all comes with each request (REQ_NO_SPIN)
+                    spin_ns=opts.spin_ns(2), pending_seeds=pending_seeds,
                     observation_mode=self.observation_mode,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 if self.serial:
