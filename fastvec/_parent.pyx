@@ -1,19 +1,23 @@
 """The parent's side of the step path, compiled.
 
-``ActionWriter.write`` takes a batch of actions for a space with one fixed-size leaf (a
-Box, Discrete, MultiDiscrete or MultiBinary at the top level): when it is a C-contiguous
-array of exactly the leaf's dtype and batch shape, it checks the bounds in one pass
-(csrc/actions.c) and copies the batch into the shared action rows and the failure log's
-history with memcpy. Anything else (a list, another dtype, a strided view, a value out of
-bounds) returns False, and ``FastVectorEnv.step_async`` takes the Python path, which casts
-what gymnasium casts and words the error.
+``ActionWriter.send`` is step_async's common case in one call: for a space with one
+fixed-size leaf (a Box, Discrete, MultiDiscrete or MultiBinary at the top level) and a
+batch that is a C-contiguous array of exactly the leaf's dtype and batch shape, it checks
+the bounds in one pass (csrc/actions.c), copies the batch into the shared action rows and
+the failure log's history with memcpy, arms the batch and posts every worker
+(``StepPath.send``, csrc/ring.c). Anything else (a list, another dtype, a strided view, a
+value out of bounds) returns False having written and posted nothing, and
+``FastVectorEnv.step_async`` takes the Python path, which casts what gymnasium casts and
+words the error.
 
 ``Results.get`` is step_wait's common return: the observation batch (a view, or one copy),
 rewards and flags of a ring slot, for a space with one fixed observation leaf.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+
+from fastvec._ring cimport StepPath
 
 import numpy as np
 from gymnasium import spaces
@@ -90,6 +94,16 @@ cdef class ActionWriter:
             self.lo, self.hi = b
             self.lo_raw = self.lo.view(np.uint8)
             self.hi_raw = self.hi.view(np.uint8)
+
+    cpdef bint send(self, StepPath path, object actions, Py_ssize_t h, uint32_t epoch,
+                    uint64_t first_seq, uint32_t opcode, uint32_t ring_index,
+                    uint32_t flags) except -1:
+        """Store ``actions`` (history row ``h``) and send the batch (see StepPath.send);
+        or return False having stored and sent nothing."""
+        if not self.write(actions, h):
+            return False
+        path.send(epoch, first_seq, opcode, ring_index, flags)
+        return True
 
     cpdef bint write(self, object actions, Py_ssize_t h) except -1:
         """Store ``actions`` and return True, or return False having stored nothing."""

@@ -201,21 +201,28 @@ class Supervisor:
                     pass
         return len(cpus)
 
-    def send_all(self, op: int, ring: int) -> None:
+    def send_all(self, op: int, ring: int, writer=None, actions=None, h: int = 0) -> bool:
         """The step path: the same request to every slot, in one C call (fv_send_batch).
-        Every _SPIN_RECHECK batches the spin policy follows the cores in reach, and the
-        workers follow the parent's (REQ_NO_SPIN)."""
+        With ``writer`` (a ``_parent.ActionWriter``) the same call first checks and stores
+        ``actions``; False: it did not take them, nothing was sent. Every _SPIN_RECHECK
+        batches the spin policy follows the cores in reach, and the workers follow the
+        parent's (REQ_NO_SPIN)."""
         if self._batches % _SPIN_RECHECK == 0 and not self.serial:
             self.spin_ns = self.options.spin_ns(self.cores_in_reach())
-        self._batches += 1
         path = self._path()
         n = len(self.slots)
-        self.epoch = (self.epoch + 1) & 0xFFFFFFFF
+        epoch = (self.epoch + 1) & 0xFFFFFFFF
         first = self.seq + 1
-        self.seq += n
         for slot, seq in zip(self.slots, range(first, first + n)):
-            slot.expected = seq
-        path.send_batch(self.epoch, first, op, ring, self._spin_flags())
+            slot.expected = seq  # before the post: the watchdog reads it
+        if writer is None:
+            path.send_batch(epoch, first, op, ring, self._spin_flags())
+        elif not writer.send(path, actions, h, epoch, first, op, ring, self._spin_flags()):
+            return False  # never sent: the next request's send sets `expected` again
+        self._batches += 1
+        self.epoch = epoch
+        self.seq += n
+        return True
 
     def wait_all(self, timeout: float | None) -> list[Slot]:
         """Wait for the replies to :meth:`send_all` in one C call: spin while that pays

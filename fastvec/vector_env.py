@@ -448,11 +448,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 "reset(options={'reset_mask': mask})")
         r = (self._ring + 1) % self.options.ring_depth
         sup = self._sup
-        if self._act_writer is not None and sup.batchable() and self._act_writer.write(
-                actions, self._steps):
-            self._pacts = {}
-            self._align_rings()
-            sup.send_all(_ring.OP_STEP, r)  # every worker steps all its envs: one C call
+        if (self._act_writer is not None and sup.batchable() and self._aligned()
+                and sup.send_all(_ring.OP_STEP, r, self._act_writer, actions, self._steps)):
+            self._pacts = {}  # actions checked, stored and sent: one compiled call
             self._pending = PendingStep(r, sup.slots, batched=True)
             self._state = State.WAITING_STEP
             return
@@ -845,6 +843,12 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                     if region is not None:
                         region[r, i] = region[prev, i]
                 self._pobs[r][i] = self._pobs[prev][i]
+
+    def _aligned(self) -> bool:
+        """Whether every env's latest row sits in ``self._ring`` (always, without
+        send/recv); else step_async's Python path aligns them first."""
+        return self.batch_size is None or not (self._inflight.any()
+                                               or (self._env_ring != self._ring).any())
 
     def _align_rings(self) -> None:
         """After send/recv the envs' latest rows sit in different ring slots; a lockstep
