@@ -94,6 +94,16 @@ def payload_bytes(env) -> list[int]:
     return [slot.ctl.resp_payload_len for slot in env._sup.slots]
 
 
+def assert_nothing_pickled(env, steps: int = 5) -> None:
+    """A reset and ``steps`` steps whose replies carry no side-buffer bytes: every info
+    value sits in a column."""
+    env.reset(seed=1)
+    assert payload_bytes(env) == [0] * len(env._sup.slots)
+    for _ in range(steps):
+        env.step(np.ones(env.num_envs, np.int64))
+        assert payload_bytes(env) == [0] * len(env._sup.slots)
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("envs_per_worker", [1, 2])
 def test_numeric_infos_are_learned_and_then_never_pickled(mode, envs_per_worker):
@@ -105,11 +115,7 @@ def test_numeric_infos_are_learned_and_then_never_pickled(mode, envs_per_worker)
         if mode != AutoresetMode.SAME_STEP:
             learned.add("burned_fraction")
         assert learned <= set(fast._infos.keys)
-        fast.reset(seed=1)
-        assert payload_bytes(fast) == [0] * len(fast._sup.slots)
-        for _ in range(5):  # every info value sits in a column
-            fast.step(np.ones(3, np.int64))
-            assert payload_bytes(fast) == [0] * len(fast._sup.slots)
+        assert_nothing_pickled(fast)
     finally:
         fast.close()
 
@@ -229,10 +235,7 @@ def test_array_infos_get_columns_and_match_sync(mode, envs_per_worker):
     fast = run_both([ArrayInfoEnv] * 3, mode, envs_per_worker=envs_per_worker)
     try:
         assert {"heat", "cells", "burning", "scalar0d"} <= set(fast._infos.keys)
-        fast.reset(seed=1)
-        for _ in range(5):  # every info value sits in a column
-            fast.step(np.ones(3, np.int64))
-            assert payload_bytes(fast) == [0] * len(fast._sup.slots)
+        assert_nothing_pickled(fast)
     finally:
         fast.close()
 
