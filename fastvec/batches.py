@@ -109,7 +109,7 @@ class FirstReadyBatches:
         for j, slot in enumerate(done_slots):
             i = int(ids[j])
             if slot in reported:
-                self._carry([i], int(rings[j]))
+                self._obs.carry([i], int(rings[j]), self._env_ring)
                 v.reward[rings[j], i], v.terminated[rings[j], i] = 0.0, False
                 v.truncated[rings[j], i] = True
                 failure = reported[slot]
@@ -127,8 +127,8 @@ class FirstReadyBatches:
                 if info:
                     batch._add_info(infos, info, j)
                 if pobs is not None:
-                    self._pobs[rings[j]][i] = pobs
-        obs = self._batch_obs(rings.tolist(), ids.tolist())
+                    self._obs.pickled[rings[j]][i] = pobs
+        obs = self._obs.gather(rings.tolist(), ids.tolist())
         rewards = v.reward[rings, ids].copy()
         terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
         self._env_ring[ids] = rings

@@ -22,16 +22,16 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import (CloudpickleWrapper, batch_differing_spaces, batch_space,
-                                    concatenate, create_empty_array)
+from gymnasium.vector.utils import CloudpickleWrapper, batch_differing_spaces, batch_space
 
-from fastvec import _parent, _raster, _ring
+from fastvec import _parent, _ring
 from fastvec.batches import FirstReadyBatches
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesError,
                             FastVecError, InvalidActionError, NoAsyncCallError, RemoteTraceback,
                             SpaceMismatchError, WorkerFailure)
 from fastvec.infos import InfoColumns
-from fastvec.layout import Plan, check_actions, flatten, split_pickled, unflatten
+from fastvec.layout import Plan, check_actions, flatten, split_pickled
+from fastvec.observations import ObservationRing
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
 from fastvec.shm import Names, Segment, get_pickle, new_prefix, put_pickle, sweep_stale
@@ -298,22 +298,17 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._env_ring = np.zeros(self.num_envs, np.int64)  # ... of each env (send/recv)
         self._inflight = np.zeros(self.num_envs, np.bool_)
         self._all_envs = np.arange(self.num_envs)
-        self._single_obs_leaf = (len(self._plan.obs_leaves) == 1
-                                 and self._plan.obs_leaves[0].path == ())
         self._env_to_slot = [s for s in self._sup.slots for _ in s.env_indices]
         self._base_seeds: list[int | None] = [None] * self.num_envs
         self._restarts = np.zeros(self.num_envs, np.int64)
         self._needs_reset = np.zeros(self.num_envs, np.bool_)
         self._pending: PendingReset | PendingStep | None = None
-        self._pobs = [[None] * self.num_envs for _ in range(opts.ring_depth)]  # pickled leaves
+        self._obs = ObservationRing(self._plan, self._views, self.single_observation_space,
+                                    self.num_envs, opts.ring_depth, self.copy)
         self._action_history = [np.zeros((4, *a.shape), a.dtype) for a in self._views.act
                                 if a is not None]
         # the compiled step path (fastvec/_parent.pyx) where the spaces allow it
         self._act_writer = self._action_writer()
-        self._results = (_parent.Results(self._views.obs[0], self._views.reward,
-                                         self._views.terminated, self._views.truncated,
-                                         self.copy)
-                         if self._single_obs_leaf and not self._plan.pickled_obs else None)
         self._steps = 0
 
     # -- properties of the contract ------------------------------------------------------
@@ -426,13 +421,13 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                             infos = self._add_info(infos, self._disabled_info(slot.disabled), i)
             elif slot.lost is not None and all(mask[i] for i in slot.env_indices):
                 slot.lost = None  # its envs were just reset: nothing left to report
-        self._carry(np.flatnonzero(keep), r)
+        self._obs.carry(np.flatnonzero(keep), r, self._env_ring)
         self._needs_reset[mask] = False
         self._ring = r
         self._env_ring[:] = r
         self._infos.publish()
         self._raise_if_policy([(s, f) for s, f in crashed])
-        return self._observations(r), infos
+        return self._obs.batch(r), infos
 
     # -- step ----------------------------------------------------------------------------------
     def step(self, actions):
@@ -502,7 +497,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         # their envs ends its episode truncated, reward 0, with its last observation.
         crashed = [(slot, self._sup.failure_of(slot)) for slot in failed]
         lost = [slot for slot in p.lost if slot not in failed]
-        last = {i: self._row(self._env_ring[i], i)
+        last = {i: self._obs.row(self._env_ring[i], i)
                 for slot in [*failed, *lost] for i in slot.env_indices}
         if crashed:
             plan = ReplacementPlan(when=When.NOW if same_step else When.NEXT, ring=r)
@@ -516,7 +511,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self._truncate(slot, r)
             fresh = same_step and slot.disabled is None  # a new episode started in this step
             if not fresh:
-                self._carry(slot.env_indices, r)
+                self._obs.carry(slot.env_indices, r, self._env_ring)
             for i in slot.env_indices:
                 if same_step:
                     infos = self._add_info(infos, {"final_obs": last[i], "final_info": {}}, i)
@@ -560,7 +555,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._env_ring[:] = r
         self._infos.publish()
         self._raise_if_policy(restarted)
-        return (self._observations(r), v.reward[r].copy(), v.terminated[r].copy(),
+        return (self._obs.batch(r), v.reward[r].copy(), v.terminated[r].copy(),
                 v.truncated[r].copy(), infos)
 
     def _step_result(self, r: int):
@@ -574,11 +569,11 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             infos = {}
         if self._steps % _LATENCY_SAMPLE == 1:  # the first step, then every 4th
             self._sup.record_latency(slots)
-        if self._results is not None:
-            obs, reward, terminated, truncated = self._results.get(r)
+        if self._obs.results is not None:
+            obs, reward, terminated, truncated = self._obs.results.get(r)
         else:
             v = self._views
-            obs, reward = self._observations(r), v.reward[r].copy()
+            obs, reward = self._obs.batch(r), v.reward[r].copy()
             terminated, truncated = v.terminated[r].copy(), v.truncated[r].copy()
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= terminated | truncated
@@ -604,7 +599,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                     pickled[i] = got[j]
                     cols.learn(got[j])
                 if pobs[j] is not None:
-                    self._pobs[r][i] = pobs[j]
+                    self._obs.pickled[r][i] = pobs[j]
         infos: dict = {}
         if cols.n and pickled and cols.collides(list(pickled.values())):
             for i in range(self.num_envs):
@@ -699,7 +694,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             except Exception:  # noqa: BLE001 - closing anyway, in stages
                 terminate = True
         self._state = State.DEFAULT
-        self._views = self._infos = self._act_writer = self._results = None
+        if getattr(self, "_obs", None) is not None:
+            self._obs.release()
+        self._views = self._infos = self._act_writer = self._obs = None
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
@@ -793,57 +790,6 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         payload = [self._pacts.get(i) for i in slot.env_indices]
         return put_pickle(slot.payload, payload, self.options.max_payload_bytes)
 
-    def _observations(self, r: int):
-        if self._plan.pickled_obs:
-            return self._batch_obs([r] * self.num_envs, range(self.num_envs))
-        if self._single_obs_leaf:
-            region = self._views.obs[0]
-            return np.array(region[r]) if self.copy else region[r]
-        return unflatten(self.single_observation_space,
-                         [np.array(region[r]) if self.copy else region[r]
-                          for region in self._views.obs])
-
-    def _batch_obs(self, rings, ids):
-        """The batch of envs ``ids`` whose rows sit in ring slots ``rings`` (lockstep: all
-        in one slot, a view or a copy; first-ready: gathered rows)."""
-        ids = list(ids)
-        out = []
-        one_slot = len(set(rings)) <= 1 and ids == list(range(self.num_envs))
-        for k, (leaf, region) in enumerate(zip(self._plan.obs_leaves, self._views.obs)):
-            if region is None:  # no fixed size: batched as gymnasium batches it
-                pk = self._plan.pickled_obs.index(k)
-                items = [self._pobs[r][i][pk] for r, i in zip(rings, ids)]
-                out.append(concatenate(leaf.space, items, create_empty_array(leaf.space, len(ids))))
-            elif one_slot:
-                out.append(np.array(region[rings[0]]) if self.copy else region[rings[0]])
-            else:
-                rows = np.asarray(rings, np.int64) * self.num_envs + np.asarray(ids, np.int64)
-                flat_rows = region.reshape(self.options.ring_depth * self.num_envs,
-                                           *region.shape[2:])
-                gathered = np.empty((len(ids), *region.shape[2:]), region.dtype)
-                _raster.gather_rows(gathered, flat_rows, rows)
-                out.append(gathered)
-        return unflatten(self.single_observation_space, out)
-
-    def _row(self, r: int, i: int):
-        leaves = []
-        for k, region in enumerate(self._views.obs):
-            if region is None:
-                leaves.append(self._pobs[r][i][self._plan.pickled_obs.index(k)])
-            else:
-                leaves.append(np.array(region[r, i]))
-        return unflatten(self.single_observation_space, leaves)
-
-    def _carry(self, env_ids, r: int) -> None:
-        """Copy the latest observation rows of ``env_ids`` into ring slot ``r``."""
-        for i in env_ids:
-            prev = self._env_ring[i]
-            if prev != r:
-                for region in self._views.obs:
-                    if region is not None:
-                        region[r, i] = region[prev, i]
-                self._pobs[r][i] = self._pobs[prev][i]
-
     def _aligned(self) -> bool:
         """Whether every env's latest row sits in ``self._ring`` (always, without
         send/recv); else step_async's Python path aligns them first."""
@@ -861,7 +807,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 "send(); recv() them before a lockstep call", "recv")
         off = np.flatnonzero(self._env_ring != self._ring)
         if len(off):
-            self._carry(off, self._ring)
+            self._obs.carry(off, self._ring, self._env_ring)
             self._env_ring[:] = self._ring
 
     def _truncate(self, slot: Slot, r: int) -> None:
@@ -876,10 +822,10 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         for i in slot.env_indices:
             if same_step:
-                self._add_info(infos, {"final_obs": self._row(self._env_ring[i], i),
+                self._add_info(infos, {"final_obs": self._obs.row(self._env_ring[i], i),
                                        "final_info": {}}, i)
             self._add_info(infos, self._disabled_info(slot.disabled), i)
-        self._carry(slot.env_indices, r)
+        self._obs.carry(slot.env_indices, r, self._env_ring)
 
     def _collect_infos(self, slot: Slot, infos: dict, r: int) -> None:
         """Read a reset/step reply: its typed info columns and its side-buffer part (the
@@ -899,7 +845,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             if info:
                 self._add_info(infos, info, i)
             if pobs is not None and pobs[j] is not None:
-                self._pobs[r][i] = pobs[j]
+                self._obs.pickled[r][i] = pobs[j]
 
     def _keep_final(self, slot: Slot, infos: dict) -> None:
         """SAME_STEP recycling: keep the old worker's final_obs / final_info only."""
