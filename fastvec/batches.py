@@ -133,6 +133,7 @@ class FirstReadyBatches:
         terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
         self._env_ring[ids] = rings
         self._inflight[ids] = False
+        self._due[ids] = terminated | truncated
         self._sup.record_latency(ready)
         if self.options.recycling:
             due = [s for s in done_slots if s not in reported and s.serving

@@ -67,6 +67,7 @@ class PendingStep:
     slots: list  # the slots a request went to
     lost: list = field(default_factory=list)  # slots replaced earlier, reported in this step
     batched: bool = False  # sent to every slot by Supervisor.send_all (the common case)
+    reset: list = field(default_factory=list)  # lost slots sent a RESET: a new episode now
 
 
 def reset_arguments(seed, options: dict | None, n: int) -> tuple:
@@ -302,6 +303,11 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._base_seeds: list[int | None] = [None] * self.num_envs
         self._restarts = np.zeros(self.num_envs, np.int64)
         self._needs_reset = np.zeros(self.num_envs, np.bool_)
+        # NEXT_STEP: envs whose next step is their autoreset (their last one ended an
+        # episode). A worker lost while all its envs are due costs no episode: its
+        # replacement resets them in that step, which is their reset step anyway.
+        self._next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
+        self._due = np.zeros(self.num_envs, np.bool_)
         self._pending: PendingReset | PendingStep | None = None
         self._obs = ObservationRing(self._plan, self._views, self.single_observation_space,
                                     self.num_envs, opts.ring_depth, self.copy)
@@ -423,6 +429,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 slot.lost = None  # its envs were just reset: nothing left to report
         self._obs.carry(np.flatnonzero(keep), r, self._env_ring)
         self._needs_reset[mask] = False
+        self._due[~keep] = False
         self._ring = r
         self._env_ring[:] = r
         self._infos.publish()
@@ -458,21 +465,22 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             self._state = State.WAITING_STEP
             return
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
-        requests, lost = [], []
+        requests, lost, reset = [], [], []
         for slot in self._sup.slots:
             if slot.disabled is not None:
                 continue
             if slot.lost is not None:
                 lost.append(slot)
-                if same_step:  # its new worker starts the next episode in this step
-                    n = put_pickle(slot.payload, ([None] * len(slot.env_indices),
-                                                  [None] * len(slot.env_indices)),
+                if same_step or self._all_due(slot):  # its new worker starts the next
+                    n = put_pickle(slot.payload, ([None] * len(slot.env_indices),  # episode
+                                                  [None] * len(slot.env_indices)),  # now
                                    self.options.max_payload_bytes)
                     requests.append((slot, _ring.OP_RESET, r, n, None))
+                    reset.append(slot)
                 continue
             requests.append((slot, _ring.OP_STEP, r, self._put_pickled_actions(slot), None))
         self._sup.send(requests)
-        self._pending = PendingStep(r, [item[0] for item in requests], lost)
+        self._pending = PendingStep(r, [item[0] for item in requests], lost, reset=reset)
         self._state = State.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None):
@@ -494,20 +502,30 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         infos: dict = {}
         # Workers that failed in this step, and those replaced earlier (in a call): each of
-        # their envs ends its episode truncated, reward 0, with its last observation.
+        # their envs ends its episode truncated, reward 0, with its last observation. In
+        # NEXT_STEP, a worker whose envs all ended their episode in the last step loses
+        # nothing: its replacement resets them now, and this step is their reset step.
         crashed = [(slot, self._sup.failure_of(slot)) for slot in failed]
         lost = [slot for slot in p.lost if slot not in failed]
         last = {i: self._obs.row(self._env_ring[i], i)
                 for slot in [*failed, *lost] for i in slot.env_indices}
+        now = {slot for slot, _ in crashed if same_step or self._all_due(slot)} | set(p.reset)
         if crashed:
-            plan = ReplacementPlan(when=When.NOW if same_step else When.NEXT, ring=r)
-            self._recovery.replace([(slot, failure, plan) for slot, failure in crashed])
+            self._recovery.replace([(slot, failure, ReplacementPlan(
+                when=When.NOW if slot in now else When.NEXT, ring=r))
+                for slot, failure in crashed])
         restarted = crashed + [(slot, slot.lost) for slot in lost]
         for slot in p.lost:
             slot.lost = None
         reported = set()
         for slot, failure in restarted:
             reported.add(slot)
+            if not same_step and slot in now and slot.disabled is None:
+                self._reset_step(slot, r)  # no episode lost: flagged, with the reset infos
+                for i in slot.env_indices:
+                    infos = self._add_info(infos, self._restart_info(failure), i)
+                self._collect_infos(slot, infos, r)
+                continue
             self._truncate(slot, r)
             fresh = same_step and slot.disabled is None  # a new episode started in this step
             if not fresh:
@@ -551,6 +569,8 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
                 if slot.disabled is not None:
                     disabled[list(slot.env_indices)] = True
             self._needs_reset |= done & ~disabled
+        elif self._next_step:
+            self._due[:] = done
         self._ring = r
         self._env_ring[:] = r
         self._infos.publish()
@@ -575,7 +595,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             v = self._views
             obs, reward = self._obs.batch(r), v.reward[r].copy()
             terminated, truncated = v.terminated[r].copy(), v.truncated[r].copy()
-        if self.autoreset_mode == AutoresetMode.DISABLED:
+        if self._next_step:
+            np.logical_or(terminated, truncated, out=self._due)
+        elif self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= terminated | truncated
         self._ring = r
         self._env_ring[:] = r
@@ -809,6 +831,18 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         if len(off):
             self._obs.carry(off, self._ring, self._env_ring)
             self._env_ring[:] = self._ring
+
+    def _all_due(self, slot: Slot) -> bool:
+        """NEXT_STEP: whether every env of ``slot`` is due for its autoreset."""
+        return self._next_step and bool(self._due[list(slot.env_indices)].all())
+
+    def _reset_step(self, slot: Slot, r: int) -> None:
+        """The slot's envs were reset into ring slot ``r``: reward 0, not done."""
+        idx = list(slot.env_indices)
+        v = self._views
+        v.reward[r, idx] = 0.0
+        v.terminated[r, idx] = False
+        v.truncated[r, idx] = False
 
     def _truncate(self, slot: Slot, r: int) -> None:
         idx = list(slot.env_indices)

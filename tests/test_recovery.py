@@ -15,7 +15,7 @@ import posix_ipc
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from conftest import wait_until
+from conftest import process_gone, wait_until
 from fastvec import FastVectorEnv, RestartBudgetExceeded, UnpicklableInfoError, WorkerFailure
 from fastvec.errors import ClosedEnvError, RemoteTraceback
 from faults import (AlarmEnv, BuildFailsAfterFirst, CallFaultEnv, CloseFaultEnv, CounterEnv,
@@ -239,6 +239,72 @@ def test_worker_dying_in_a_call_is_reported_at_the_next_step_in_every_mode(mode)
         obs, rew, term, trunc, info = env.step(np.ones(2, np.int64))
         assert "worker_restarted" not in info and not trunc.any()
         assert (obs[:, 1] == (1 if mode != AutoresetMode.NEXT_STEP else 0)).all()
+    finally:
+        env.close()
+
+
+class OneStepCallFaultEnv(OneStepEnv, CallFaultEnv):
+    """Episodes of one step; ``call("die")`` kills the workers of the ``victim`` envs."""
+
+    def __init__(self, victim: bool = False):
+        super().__init__()
+        self.victim = victim
+
+    def die(self):
+        if self.victim:
+            super().die()
+
+
+@pytest.mark.parametrize("how", ["between steps", "in a call"])
+@pytest.mark.parametrize("envs_per_worker", [1, 2])
+def test_next_step_worker_lost_between_episodes_costs_no_episode(how, envs_per_worker):
+    """NEXT_STEP: a worker lost while every one of its envs had just ended its episode
+    (its next step is the autoreset) loses nothing. Its replacement resets them in that
+    step, which comes back as their reset step (reward 0, not done), flagged; before, it
+    came back truncated, and the reset followed a step later, so a learner that skips
+    the reset step (RLlib) never saw the flag and took a stale transition."""
+    lost = [1] if envs_per_worker == 1 else [2, 3]  # worker 1's envs
+    env = FastVectorEnv([functools.partial(OneStepCallFaultEnv, i in lost) for i in range(4)],
+                        envs_per_worker=envs_per_worker)
+    a = np.ones(4, np.int64)
+    try:
+        env.reset(seed=0)
+        obs, _, term, _, _ = env.step(a)
+        assert term.all()  # every env is due for its autoreset
+        if how == "between steps":
+            pid = kill_worker(env, 1)
+            assert wait_until(lambda: process_gone(pid), 5.0)
+        else:
+            with pytest.raises(WorkerFailure):
+                env.call("die")
+        obs, rew, term, trunc, info = env.step(a)  # the reset step of all four
+        assert not term.any() and not trunc.any() and (rew == 0).all()
+        assert (obs[:, 1] == 0).all()  # t = 0: fresh episodes, the replaced ones too
+        assert info["_worker_restarted"].tolist() == [i in lost for i in range(4)]
+        assert info["worker_restart_reason"][lost[0]].startswith("died")
+        obs, rew, term, trunc, info = env.step(a)  # an ordinary step again, for all four
+        assert term.all() and not trunc.any() and (obs[:, 1] == 1).all()
+        assert "worker_restarted" not in info
+        assert [h["restarts"] for h in env.health()][1] == 1
+    finally:
+        env.close()
+
+
+def test_next_step_worker_lost_mid_episode_still_truncates():
+    env = FastVectorEnv([CounterEnv] * 2)
+    a = np.ones(2, np.int64)
+    try:
+        env.reset(seed=0)
+        last, _, term, _, _ = env.step(a)
+        assert not term.any()
+        pid = kill_worker(env, 1)
+        assert wait_until(lambda: process_gone(pid), 5.0)
+        obs, rew, term, trunc, info = env.step(a)
+        assert trunc.tolist() == [False, True] and rew[1] == 0
+        np.testing.assert_array_equal(obs[1], last[1])  # the final observation, kept
+        assert info["_worker_restarted"].tolist() == [False, True]
+        obs, *_ = env.step(a)  # then its reset step
+        assert obs[1, 1] == 0
     finally:
         env.close()
 

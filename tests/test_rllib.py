@@ -76,7 +76,7 @@ class Recorder:
     def __init__(self):
         self.envs_created = []
         self.episodes_ended = []        # (terminated, truncated, last infos)
-        self.kill_worker = None         # worker index to SIGKILL at the next episode step
+        self.kill_worker = None         # worker index to SIGKILL at its env's next mid-episode step
 
 
 # RLlib deep-copies its config, bound methods and their instance with it: the callbacks are
@@ -88,8 +88,10 @@ def on_environment_created(*, env, **kwargs):
     REC.envs_created.append(env)
 
 
-def on_episode_step(*, env, **kwargs):
-    if REC.kill_worker is not None:
+def on_episode_step(*, env, env_index, episode, **kwargs):
+    # Kill worker w (it hosts env w) while env w is mid-episode: killed right after its
+    # episode ended, it would cost no episode (its next step is the reset step anyway).
+    if REC.kill_worker == env_index and not episode.is_done:
         os.kill(env.health()[REC.kill_worker]["pid"], signal.SIGKILL)
         REC.kill_worker = None
 
