@@ -521,7 +521,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         for slot, failure in restarted:
             reported.add(slot)
             if not same_step and slot in now and slot.disabled is None:
-                self._reset_step(slot, r)  # no episode lost: flagged, with the reset infos
+                self._truncate(slot, r, truncated=False)  # no episode lost: flagged, reset infos
                 for i in slot.env_indices:
                     infos = self._add_info(infos, self._restart_info(failure), i)
                 self._collect_infos(slot, infos, r)
@@ -836,20 +836,14 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         """NEXT_STEP: whether every env of ``slot`` is due for its autoreset."""
         return self._next_step and bool(self._due[list(slot.env_indices)].all())
 
-    def _reset_step(self, slot: Slot, r: int) -> None:
-        """The slot's envs were reset into ring slot ``r``: reward 0, not done."""
+    def _truncate(self, slot: Slot, r: int, truncated: bool = True) -> None:
+        """The slot's envs in ring slot ``r``: reward 0, not terminated, ``truncated``
+        (False: they were just reset, and this is their reset step)."""
         idx = list(slot.env_indices)
         v = self._views
         v.reward[r, idx] = 0.0
         v.terminated[r, idx] = False
-        v.truncated[r, idx] = False
-
-    def _truncate(self, slot: Slot, r: int) -> None:
-        idx = list(slot.env_indices)
-        v = self._views
-        v.reward[r, idx] = 0.0
-        v.terminated[r, idx] = False
-        v.truncated[r, idx] = True
+        v.truncated[r, idx] = truncated
 
     def _report_disabled(self, slot: Slot, r: int, infos: dict) -> None:
         self._truncate(slot, r)

@@ -395,6 +395,9 @@ def test_reply_after_a_frozen_finding_keeps_the_healthy_worker():
     try:
         env.reset(seed=0)
         slot = env._sup.slots[0]
+        # a heartbeat that never beat is judged against start_timeout, not
+        # heartbeat_timeout: on a loaded machine its thread may not have run yet
+        assert wait_until(lambda: slot.ctl.heartbeat > 0, 5.0)
         env.step_async(np.ones(1, np.int64))
         pid = kill_worker(env, 0, signal.SIGSTOP)
         assert wait_until(lambda: slot.failure is not None, 5.0), (  # flagged frozen
