@@ -1,8 +1,14 @@
 """Owning POSIX shared memory and semaphores: names, create/attach, close/unlink, sweeps.
 
-Every name of one instance is ``/fv<owner pid>_<random hex>_<what>``. The pid is there for
-people reading /dev/shm. It never makes an owner count as dead, because a pid means
-nothing in another PID namespace (two containers sharing /dev/shm with ``--ipc=host``).
+Every name of one instance starts with its prefix ``/fv<owner pid>_<random hex>_``; the
+lock is ``<prefix>lock`` and every other object is ``<prefix><what>_<token>``, ``what``
+saying what it is (``main``, ``done``, ``p0`` a payload segment, ``r0`` a worker's request
+semaphore) and ``token`` drawn afresh for each object. A prefix is visible in /dev/shm as
+soon as its lock exists, so the token is what keeps another user from creating a name
+before we do (and so failing every respawn); a clash, by chance or by guessing, is retried
+under a new token. The pid is there for people reading /dev/shm. It never makes an owner
+count as dead, because a pid means nothing in another PID namespace (two containers
+sharing /dev/shm with ``--ipc=host``).
 
 Who removes a name, in the order it normally happens:
 
@@ -18,11 +24,15 @@ Who removes a name, in the order it normally happens:
    file has only orphans left, removed once they are older than ``ORPHAN_AGE`` seconds
    (and no process with the pid in their name is visible: a fastvec older than the
    lock). Forked workers inherit the lock's fd, so the lock lives while any of them does.
+   A sweep judges only regular files of its own user (another user's names, FIFOs and
+   symlinks are never opened or unlinked) and skips a name it cannot parse.
 
 The API the rest of the package uses::
 
     new_prefix()                       a fresh "/fv<pid>_<hex>_"
     names = Names(prefix)              creates and locks <prefix>lock; names.prefix
+    names.new_segment(what, size)      create, track and map <prefix><what>_<token>
+    names.new_semaphore(what)          create and track semaphore <prefix><what>_<token>
     names.track_segment(name)          unlink this segment in unlink_all (and on death)
     names.track_semaphore(name)        the same for a semaphore
     names.forget_semaphore(name)       unlink a semaphore now and stop tracking it
@@ -47,6 +57,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import time
 from multiprocessing import resource_tracker
 
@@ -62,13 +73,21 @@ LOCK = "lock"
 # A name without a lock file is removed once it is this old (seconds): younger, it may
 # belong to an instance being built right now (its lock is being created and locked).
 ORPHAN_AGE = 5.0
-_OWNED = re.compile(rf"^(?:sem\.)?({NAME_PREFIX}\d+_[0-9a-f]+_)")
+TOKEN_BYTES = 8  # a name's token: 16 hex digits, beyond guessing
+CREATE_TRIES = 8  # tokens tried for one object before its creation fails
+_PID_MAX = 2**31 - 1  # pid_t; a name with a larger "pid" is not fastvec's
+_OWNED = re.compile(rf"^(?:sem\.)?({NAME_PREFIX}[0-9]+_[0-9a-f]+_)")
 _SEGMENT, _SEMAPHORE = "shared_memory", "semaphore"  # the resource tracker's types
 
 
 def new_prefix() -> str:
     """A fresh per-instance name prefix carrying this process's pid."""
     return f"/{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+
+
+def new_token() -> str:
+    """A fresh unpredictable token for the name of one object under a prefix."""
+    return secrets.token_hex(TOKEN_BYTES)
 
 
 def free_bytes() -> int | None:
@@ -283,23 +302,55 @@ class Names:
         self._lock_name = prefix + LOCK
         self._register(self._lock_name, _SEGMENT)
 
+    def new_segment(self, what: str, size: int) -> Segment:
+        """Create, track and map a segment of ``size`` bytes named ``<prefix><what>_<token>``."""
+        return self._new(what, _SEGMENT, lambda name: Segment(name, size, create=True))
+
+    def new_semaphore(self, what: str) -> posix_ipc.Semaphore:
+        """Create and track a semaphore (value 0) named ``<prefix><what>_<token>``; the
+        name is its ``.name``."""
+        return self._new(what, _SEMAPHORE, create_semaphore)
+
+    def _new(self, what: str, rtype: str, create):
+        # Tracked before it exists, so a death in between leaves nothing the tracker does
+        # not know. A name that exists is someone else's (or a clash by chance): it is
+        # dropped untouched and the next token tried; it is not a failure of ours.
+        for _ in range(CREATE_TRIES):
+            name = f"{self.prefix}{what}_{new_token()}"
+            self._track(name, rtype)
+            try:
+                return create(name)
+            except posix_ipc.ExistentialError:
+                self._untrack(name, rtype)
+                log.debug("%s exists already (another user's, or a clash): trying another "
+                          "token", name)
+        raise posix_ipc.ExistentialError(
+            f"{CREATE_TRIES} fresh names {self.prefix}{what}_<token> all existed already: "
+            f"someone else creates names under this instance's prefix in {SHM_DIR}")
+
     def track_segment(self, name: str) -> None:
         """Unlink segment ``name`` in unlink_all(), or through the tracker if we die first."""
-        if name not in self._segments:
-            self._segments.add(name)
-            self._register(name, _SEGMENT)
+        self._track(name, _SEGMENT)
 
     def track_semaphore(self, name: str) -> None:
         """Unlink semaphore ``name`` in unlink_all(), or through the tracker if we die first."""
-        if name not in self._semaphores:
-            self._semaphores.add(name)
-            self._register(name, _SEMAPHORE)
+        self._track(name, _SEMAPHORE)
 
     def forget_semaphore(self, name: str) -> None:
         """Unlink semaphore ``name`` now (e.g. a replaced worker's) and stop tracking it."""
         unlink_semaphore(name)
-        self._semaphores.discard(name)
-        self._unregister(name, _SEMAPHORE)
+        self._untrack(name, _SEMAPHORE)
+
+    def _track(self, name: str, rtype: str) -> None:
+        names = self._segments if rtype == _SEGMENT else self._semaphores
+        if name not in names:
+            names.add(name)
+            self._register(name, rtype)
+
+    def _untrack(self, name: str, rtype: str) -> None:
+        """Stop tracking ``name`` without unlinking it."""
+        (self._segments if rtype == _SEGMENT else self._semaphores).discard(name)
+        self._unregister(name, rtype)
 
     def unlink_all(self) -> None:
         """Unlink every tracked name, then the lock, and let go of the lock. Idempotent."""
@@ -354,6 +405,26 @@ def _unlink_entry(entry: str) -> bool:
     return unlink_segment("/" + entry)
 
 
+def _mine(entry: str) -> bool:
+    """Whether ``entry`` is a regular file of this user. A symlink is not followed, and
+    another user's name, a FIFO or a device node is never ours to open or unlink (root
+    could unlink anything in /dev/shm)."""
+    try:
+        st = os.lstat(os.path.join(SHM_DIR, entry))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _owner_pid(bare_prefix: str) -> int | None:
+    """The pid in a prefix; None where it cannot be a pid (then the prefix is not fastvec's)."""
+    try:
+        pid = int(bare_prefix[len(NAME_PREFIX):].split("_", 1)[0])
+    except ValueError:
+        return None
+    return pid if 0 < pid <= _PID_MAX else None
+
+
 def _age(entry: str) -> float:
     try:
         return time.time() - os.lstat(os.path.join(SHM_DIR, entry)).st_ctime
@@ -363,16 +434,21 @@ def _age(entry: str) -> float:
 
 def _sweep_locked(lock: str, entries: list[str], min_age: float) -> list[str]:
     """Unlink ``entries`` and ``lock`` if nobody holds the lock; the entries removed."""
+    # O_NONBLOCK: were it a FIFO by now, opening it would wait for a writer.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(os.path.join(SHM_DIR, lock), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:  # closed meanwhile, or another user's
+        fd = os.open(os.path.join(SHM_DIR, lock), flags)
+    except OSError:  # closed meanwhile, or replaced by a symlink
         return []
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return []  # replaced since the lstat by something not ours
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return []  # held by the owner or one of its forked workers: live
-        if os.fstat(fd).st_size == 0 and _age(lock) < min_age:
+        if st.st_size == 0 and _age(lock) < min_age:
             return []  # created a moment ago, its owner has not locked it yet
         removed = [e for e in entries if _unlink_entry(e)]
         if _unlink_entry(lock):
@@ -382,10 +458,9 @@ def _sweep_locked(lock: str, entries: list[str], min_age: float) -> list[str]:
         os.close(fd)
 
 
-def _pid_visible(bare_prefix: str) -> bool:
+def _pid_visible(pid: int) -> bool:
     """Whether the pid in a prefix is a process we can see. It can only veto removing
     names that have no lock; it never decides that an owner is dead."""
-    pid = int(bare_prefix[len(NAME_PREFIX):].split("_", 1)[0])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -402,18 +477,33 @@ def sweep_stale(min_age: float = ORPHAN_AGE) -> list[str]:
     without a lock file are orphans (the lock is created first and unlinked last) and go
     once older than ``min_age`` seconds, unless a process with the pid in their name is
     visible: an instance of a fastvec that predates the lock has no lock file while alive.
+
+    Only regular files of this user are judged; anything else that looks like a name of
+    fastvec's (another user's, a FIFO, a symlink, a pid out of range) is skipped, never
+    raised about.
     """
     by_prefix: dict[str, list[str]] = {}
     for entry in leftovers():
         by_prefix.setdefault(_OWNED.match(entry).group(1), []).append(entry)
     removed: list[str] = []
     for bare, entries in by_prefix.items():
+        pid = _owner_pid(bare)
+        if pid is None:
+            log.debug("sweep: skipped %s*: the pid in the name is out of range", bare)
+            continue
         lock = bare + LOCK
-        if lock in entries:
-            entries.remove(lock)
-            removed += _sweep_locked(lock, entries, min_age)
-        elif not _pid_visible(bare):
-            removed += [e for e in entries if _age(e) >= min_age and _unlink_entry(e)]
+        has_lock = lock in entries
+        mine = [e for e in entries if e != lock and _mine(e)]
+        try:
+            if has_lock:
+                if _mine(lock):
+                    removed += _sweep_locked(lock, mine, min_age)
+                else:
+                    log.debug("sweep: skipped %s*: its lock is not a regular file of ours", bare)
+            elif not _pid_visible(pid):
+                removed += [e for e in mine if _age(e) >= min_age and _unlink_entry(e)]
+        except (OSError, posix_ipc.Error) as exc:
+            log.debug("sweep: skipped %s*: %s", bare, exc)
     if removed:
         log.info("swept %d shared-memory names left by dead owners: %s", len(removed), removed)
     return removed

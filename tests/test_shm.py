@@ -306,7 +306,7 @@ def test_a_sweep_from_another_pid_namespace_removes_a_killed_owners_names():
     try:
         tracker, *workers = [int(p) for p in owner.stdout.readline().split()]
         names = sorted(os.listdir("/dev/shm"))
-        assert len(names) == 7, names  # lock, main, p0, p1, done, r0g0, r1g0
+        assert len(names) == 7, names  # lock, main, p0, p1, done, r0, r1 (+ tokens)
         os.kill(tracker, signal.SIGKILL)  # the tracker dies too: only a sweep can clean up now
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait()
