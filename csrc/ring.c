@@ -18,7 +18,7 @@ _Static_assert(offsetof(fv_ctl, flags) == 96, "flags at 96");
 _Static_assert(offsetof(fv_ctl, batch_epoch) == 100, "batch_epoch at 100");
 _Static_assert(sizeof(fv_batch) == FV_BATCH_SIZE, "fv_batch must be FV_BATCH_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, resp_seq) == 128, "reply line at 128");
-_Static_assert(offsetof(fv_ctl, heartbeat) == 192, "liveness line at 192");
+_Static_assert(offsetof(fv_ctl, liveness) == 192, "liveness line at 192");
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -32,15 +32,38 @@ uint64_t fv_now_ns(void) {
 
 void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t owner_pid,
                  uint64_t start_seq) {
-    /* A respawned slot is dirty: wipe everything, then publish the magic last. */
+    /* The new generation first, in one store: from here on a beat of any older generation
+       (a retiring worker's thread, even one that loaded the word before this store) fails
+       its compare-and-swap, so the successor's count stays 0 until its own thread beats. */
+    STORE(&c->liveness, (uint64_t)generation << 32);
+    /* A respawned slot is dirty: wipe every other field (a late writer of the old
+       generation may still store into them: atomics, never memset), the magic last. */
     RELAXED(&c->magic, 0u);
-    memset((char *)c + sizeof(uint32_t), 0, sizeof(fv_ctl) - sizeof(uint32_t));
-    c->version = FV_VERSION;
-    c->worker_index = worker_index;
-    c->generation = generation;
-    c->owner_pid = owner_pid;
-    c->req_seq = start_seq;
-    c->resp_seq = start_seq;
+    RELAXED(&c->version, FV_VERSION);
+    RELAXED(&c->worker_index, worker_index);
+    RELAXED(&c->generation, generation);
+    RELAXED(&c->owner_pid, owner_pid);
+    RELAXED(&c->req_seq, start_seq);
+    RELAXED(&c->opcode, 0u);
+    RELAXED(&c->ring_index, 0u);
+    RELAXED(&c->req_payload_len, 0);
+    RELAXED(&c->env_mask, 0);
+    RELAXED(&c->flags, 0u);
+    RELAXED(&c->batch_epoch, 0u);
+    RELAXED(&c->resp_seq, start_seq);
+    RELAXED(&c->status, 0);
+    RELAXED(&c->worker_pid, 0);
+    RELAXED(&c->resp_payload_len, 0);
+    RELAXED(&c->busy_since_ns, 0);
+    RELAXED(&c->last_request_ns, 0);
+    RELAXED(&c->progress, 0);
+    RELAXED(&c->episodes, 0);
+    RELAXED(&c->rss_bytes, 0);
+    RELAXED(&c->payload_cap, 0);
+    /* nobody reads or writes the reserved bytes */
+    memset(c->_r0, 0, sizeof c->_r0);
+    memset(c->_r1, 0, sizeof c->_r1);
+    memset(c->_r3, 0, sizeof c->_r3);
     STORE(&c->magic, FV_MAGIC);
 }
 
@@ -65,8 +88,6 @@ void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n) {
     STORE(&b->state, ((uint64_t)epoch << 32) | n);
 }
 
-uint32_t fv_batch_remaining(const fv_batch *b) { return (uint32_t)LOAD(&b->state); }
-
 int fv_batch_leave(fv_batch *b, uint32_t epoch) {
     uint64_t cur = LOAD(&b->state);
     for (;;) {
@@ -79,7 +100,7 @@ int fv_batch_leave(fv_batch *b, uint32_t epoch) {
 }
 
 uint64_t fv_resp_seq(const fv_ctl *c) { return LOAD(&c->resp_seq); }
-uint64_t fv_heartbeat(const fv_ctl *c) { return LOAD(&c->heartbeat); }
+uint32_t fv_heartbeat(const fv_ctl *c) { return (uint32_t)LOAD(&c->liveness); }
 uint64_t fv_busy_since(const fv_ctl *c) { return LOAD(&c->busy_since_ns); }
 uint64_t fv_req_seq(const fv_ctl *c) { return LOAD(&c->req_seq); }
 
@@ -92,14 +113,13 @@ static inline void cpu_relax(void) {
 }
 
 /* Between rounds of 64 polls: give the core away if another runnable process wants it
-   (yield_cpu: spinners may outnumber cores), then check the deadline. */
-static inline int spin_round_over(uint64_t deadline, int yield_cpu) {
-    if (yield_cpu) sched_yield();
+   (spinners may outnumber cores), then check the deadline. */
+static inline int spin_round_over(uint64_t deadline) {
+    sched_yield();
     return fv_now_ns() >= deadline;
 }
 
-static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spin_ns,
-                                   int yield_cpu) {
+static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spin_ns) {
     uint64_t v = LOAD(p);
     if (v != seq || spin_ns == 0) return v;
     uint64_t deadline = fv_now_ns() + spin_ns;
@@ -109,20 +129,11 @@ static uint64_t spin_until_changed(const uint64_t *p, uint64_t seq, uint64_t spi
             v = LOAD(p);
             if (v != seq) return v;
         }
-        if (spin_round_over(deadline, yield_cpu)) return v;
+        if (spin_round_over(deadline)) return v;
     }
 }
 
-uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) {
-    return spin_until_changed(&c->req_seq, seq, spin_ns, yield_cpu);
-}
-
-uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) {
-    return spin_until_changed(&c->resp_seq, seq, spin_ns, yield_cpu);
-}
-
-uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns,
-                            int yield_cpu) {
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) {
     uint64_t v = LOAD(&c->resp_seq);
     if (v == target || spin_ns == 0) return v;
     uint64_t deadline = fv_now_ns() + spin_ns;
@@ -132,7 +143,7 @@ uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns,
             v = LOAD(&c->resp_seq);
             if (v == target) return v;
         }
-        if (spin_round_over(deadline, yield_cpu)) return v;
+        if (spin_round_over(deadline)) return v;
     }
 }
 
@@ -198,8 +209,7 @@ static inline int worth_spinning(const fv_ctl *c, uint64_t spin_ns) {
     return LOAD(&c->last_request_ns) <= spin_ns;
 }
 
-int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
-                    int yield_cpu) {
+int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns) {
     int64_t i = first_owing(ctls, seqs, 0, n);
     if (i < 0 || spin_ns == 0) return i;
     for (uint32_t k = 0; k < n; k++)
@@ -211,7 +221,7 @@ int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint6
             i = first_owing(ctls, seqs, (uint32_t)i, n);
             if (i < 0) return i;
         }
-        if (spin_round_over(deadline, yield_cpu)) return i;
+        if (spin_round_over(deadline)) return i;
     }
 }
 
@@ -222,10 +232,9 @@ static int64_t first_not_ok(fv_ctl *const *ctls, uint32_t n) {
 }
 
 int64_t fv_await_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
-                     int yield_cpu, sem_t *done, int64_t block_ns, const uint32_t *alarm,
-                     int *why) {
+                     sem_t *done, int64_t block_ns, const uint32_t *alarm, int *why) {
     *why = FV_WAIT_OK;
-    int64_t i = fv_spin_all(ctls, seqs, n, spin_ns, yield_cpu);
+    int64_t i = fv_spin_all(ctls, seqs, n, spin_ns);
     if (i >= 0) {
         uint64_t deadline = block_ns < 0 ? UINT64_MAX : fv_now_ns() + (uint64_t)block_ns;
         for (;;) {
@@ -264,10 +273,10 @@ uint32_t fv_sem_drain(sem_t *s) {
 }
 
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                         int yield_cpu, int64_t block_ns) {
+                         int64_t block_ns) {
     /* after a slow request of ours, the others' are slow too: the next one is far off */
     if (!worth_spinning(c, spin_ns)) spin_ns = 0;
-    uint64_t v = spin_until_changed(&c->req_seq, last, spin_ns, yield_cpu);
+    uint64_t v = spin_until_changed(&c->req_seq, last, spin_ns);
     if (v != last) {
         /* Take the post that came with it (if it is there yet; if not, a later wait
            returns once, early): the count stays bounded either way. */
@@ -298,14 +307,27 @@ static int g_hb_stop;
 
 void fv_heartbeat_stop(void) { __atomic_store_n(&g_hb_stop, 1, __ATOMIC_RELEASE); }
 
+int fv_heartbeat_beat(fv_ctl *c, uint32_t generation) {
+    uint64_t cur = __atomic_load_n(&c->liveness, __ATOMIC_RELAXED);
+    for (;;) {
+        /* A retired worker's slot belongs to its successor: never beat for it. The check
+           and the add are one CAS: an init between them makes the CAS fail. */
+        if ((uint32_t)(cur >> 32) != generation) return 0;
+        uint32_t beats = (uint32_t)cur + 1;
+        if (beats == 0) beats = 1; /* 0 means "never beat" */
+        uint64_t next = ((uint64_t)generation << 32) | beats;
+        if (__atomic_compare_exchange_n(&c->liveness, &cur, next, 0, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED))
+            return 1;
+    }
+}
+
 static void *heartbeat_main(void *arg) {
     hb_args *a = (hb_args *)arg;
     struct timespec ts = {a->interval_ms / 1000, (long)(a->interval_ms % 1000) * 1000000L};
     for (;;) {
-        /* A retired worker's slot belongs to its successor: never beat for it. */
-        if (!__atomic_load_n(&g_hb_stop, __ATOMIC_ACQUIRE) &&
-            LOAD(&a->ctl->generation) == a->generation)
-            __atomic_fetch_add(&a->ctl->heartbeat, 1, __ATOMIC_RELEASE);
+        if (!__atomic_load_n(&g_hb_stop, __ATOMIC_ACQUIRE))
+            fv_heartbeat_beat(a->ctl, a->generation);
         /* The parent check backs up PR_SET_PDEATHSIG, which follows the forking thread
            (and, under forkserver, the server rather than the vector env's process). */
         if (a->owner_pid > 0 && kill((pid_t)a->owner_pid, 0) != 0 && errno == ESRCH)
@@ -321,7 +343,7 @@ int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) {
     sigset_t all, old;
     g_hb.ctl = c;
     g_hb.interval_ms = interval_ms ? interval_ms : 1;
-    g_hb.generation = LOAD(&c->generation);
+    g_hb.generation = (uint32_t)(LOAD(&c->liveness) >> 32);
     g_hb.owner_pid = owner_pid;
     if (pthread_attr_init(&attr) != 0) return FV_RC_THREAD;
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);

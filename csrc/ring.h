@@ -11,13 +11,14 @@
  *        reward  [depth][num_envs] float64, terminated/truncated [depth][num_envs] uint8
  *
  * Byte layout of one control block (little endian, 64-byte aligned, FV_CTL_SIZE = 256).
- * Fields written by the parent and by the worker sit on different cache lines.
+ * Fields written by the parent and by the worker sit on different cache lines (liveness
+ * excepted: the parent stores it only at init).
  *
  *   off size  field             writer   meaning
  *     0    4  magic             parent   FV_MAGIC; anything else means "not initialised"
  *     4    4  version           parent   FV_VERSION
  *     8    4  worker_index      parent
- *    12    4  generation        parent   how many times this slot was respawned
+ *    12    4  generation        parent   how many times this slot was respawned (as in liveness)
  *    16    8  owner_pid         parent   pid of the parent; the worker exits when it is gone
  *    24   40  (reserved)
  *    64    8  req_seq           parent   sequence number of the latest request (stored last, release)
@@ -37,7 +38,9 @@
  *   168    8  progress          worker   requests finished since start
  *   176    8  episodes          worker   episodes finished since start
  *   184    8  rss_bytes         worker   resident set size after the latest request
- *   192    8  heartbeat         worker   incremented by a C thread every heartbeat interval
+ *   192    8  liveness          both     generation << 32 | beats (beats at 192, generation
+ *                                         at 196): the parent stores generation << 32 at init,
+ *                                         the worker's heartbeat thread adds a beat per interval
  *   200    8  payload_cap       worker   current size of the worker's side buffer
  *   208   48  (reserved)
  *
@@ -61,9 +64,15 @@
  * before each wait and then trusts resp_seq, so its count stays bounded by the number of
  * posts one wait can miss (one per worker at most).
  *
- * Heartbeat: a C thread of the worker increments `heartbeat` only while `generation` is
- * still the one it started under, so a retiring worker (planned recycling: its successor
- * starts in the same control block while it closes its envs) never beats for its successor.
+ * Heartbeat: a C thread of the worker counts beats in the low half of `liveness`; the high
+ * half names the generation the beats belong to. A beat is one compare-and-swap that adds 1
+ * only while the high half is the generation the thread started under, and fv_ctl_init
+ * publishes (new generation << 32 | 0) in one atomic store before it wipes anything else.
+ * So a retiring worker (planned recycling: its successor starts in the same control block
+ * while it closes its envs) can never beat for its successor, not even one beat that
+ * checked before the init and landed after it: a successor shows beats only once its own
+ * heartbeat thread ran, and until then the parent judges it by start_timeout. The count
+ * wraps from 2^32 - 1 to 1: 0 always means "this generation never beat".
  */
 #ifndef FASTVEC_RING_H
 #define FASTVEC_RING_H
@@ -72,7 +81,7 @@
 #include <stdint.h>
 
 #define FV_MAGIC 0x31525646u /* "FVR1" */
-#define FV_VERSION 2u
+#define FV_VERSION 3u /* 3: liveness carries its generation */
 #define FV_CTL_SIZE 256
 #define FV_BATCH_SIZE 64
 
@@ -84,7 +93,6 @@ enum {
     FV_OP_CALL = 3,
     FV_OP_SET_ATTR = 4,
     FV_OP_CLOSE = 5,
-    FV_OP_READY = 6, /* reply to the worker's own start-up, no request */
 };
 
 /* Request flags. */
@@ -141,7 +149,7 @@ typedef struct fv_ctl {
     uint64_t episodes;
     uint64_t rss_bytes;
     /* worker line 3: liveness */
-    uint64_t heartbeat;
+    uint64_t liveness; /* generation << 32 | beats */
     uint64_t payload_cap;
     uint8_t _r3[48];
 } fv_ctl;
@@ -158,9 +166,9 @@ int fv_ctl_check(const fv_ctl *c);
 void fv_request(fv_ctl *c, uint64_t seq, uint32_t opcode, uint32_t ring_index,
                 uint64_t payload_len, uint64_t env_mask, uint32_t flags, uint32_t epoch);
 void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n);
-uint32_t fv_batch_remaining(const fv_batch *b);
 uint64_t fv_resp_seq(const fv_ctl *c);
-uint64_t fv_heartbeat(const fv_ctl *c);
+/* Beats of the generation now in the block (the low half of liveness). */
+uint32_t fv_heartbeat(const fv_ctl *c);
 uint64_t fv_busy_since(const fv_ctl *c);
 
 /* Worker side. */
@@ -170,22 +178,23 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len);
 /* 1 if this reply completed batch `epoch` (the caller posts the done semaphore); 0 if the
    batch still owes replies or a newer batch was armed since (the decrement is dropped). */
 int fv_batch_leave(fv_batch *b, uint32_t epoch);
+/* Start a thread that beats the generation now in `c` every interval_ms (one per process). */
 int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid);
+/* One beat of `generation`, as the heartbeat thread beats: 1 if it counted, 0 if the block
+   belongs to another generation now (nothing written). */
+int fv_heartbeat_beat(fv_ctl *c, uint32_t generation);
 /* Stop beating (a retiring worker, before it closes its envs). */
 void fv_heartbeat_stop(void);
 int fv_set_parent_death_signal(int sig);
 
-/* Spin until req_seq / resp_seq differs from `seq` or `spin_ns` passed. Returns the new
-   value, or `seq` if the spin ran out. Waking a sleeping process costs tens of
-   microseconds on some VMs, so a short spin before blocking on the semaphore pays off.
-   With yield_cpu, every 64 polls the spinner calls sched_yield(): when spinners outnumber
-   cores, a process with real work on this core runs instead of waiting out a timeslice
-   (a pure spinner there costs ~8 ms per hand-over). fastvec always yields (Options.spin_ns). */
-uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
-uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu);
-/* Spin until resp_seq == target or spin_ns pass; returns resp_seq. (The parent waits for
-   a known seq: sequence numbers are global, so "differs from the previous" says nothing.) */
-uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns, int yield_cpu);
+/* Spins. Waking a sleeping process costs tens of microseconds on some VMs, so a short spin
+   before blocking on the semaphore pays off. Every 64 polls a spinner calls sched_yield():
+   when spinners outnumber cores, a process with real work on this core runs instead of
+   waiting out a timeslice (a pure spinner there costs ~8 ms per hand-over).
+   fv_spin_resp_until: spin until resp_seq == target or spin_ns pass; returns resp_seq.
+   (The parent waits for a known seq: sequence numbers are global, so "differs from the
+   previous" says nothing.) */
+uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns);
 
 /* Semaphore waits for the parent. They return FV_WAIT_INTR on a signal instead of retrying,
    so the caller (with the GIL) can run Python's signal handlers and let their exceptions
@@ -217,11 +226,9 @@ int fv_sem_trywait(sem_t *s);
 void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
                    const uint64_t *seqs, const uint64_t *masks, const uint64_t *lens,
                    uint32_t n, uint32_t opcode, uint32_t ring_index, uint32_t flags);
-int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
-                    int yield_cpu);
+int64_t fv_spin_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns);
 int64_t fv_await_all(fv_ctl *const *ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
-                     int yield_cpu, sem_t *done, int64_t block_ns, const uint32_t *alarm,
-                     int *why);
+                     sem_t *done, int64_t block_ns, const uint32_t *alarm, int *why);
 /* The alarm word of fv_await_all, set from another thread. */
 void fv_alarm_set(uint32_t *alarm, uint32_t value);
 int64_t fv_first_payload(fv_ctl *const *ctls, uint32_t n);
@@ -235,7 +242,7 @@ uint32_t fv_sem_drain(sem_t *s);
    and calls again. (A signal that lands while the spin runs interrupts no system call, so
    the block is bounded: its handler runs within block_ns.) */
 uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                         int yield_cpu, int64_t block_ns);
+                         int64_t block_ns);
 /* Worker: publish the reply to request `seq` and wake the parent if it is owed a wake-up
    (not counted, or this reply completed its batch). */
 void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,

@@ -19,7 +19,6 @@ cdef extern from "ring.h" nogil:
         FV_OP_CALL
         FV_OP_SET_ATTR
         FV_OP_CLOSE
-        FV_OP_READY
     enum:
         FV_REQ_COUNTED
         FV_REQ_NO_SPIN
@@ -56,7 +55,7 @@ cdef extern from "ring.h" nogil:
         uint64_t progress
         uint64_t episodes
         uint64_t rss_bytes
-        uint64_t heartbeat
+        uint64_t liveness
         uint64_t payload_cap
 
     void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation,
@@ -69,21 +68,18 @@ cdef extern from "ring.h" nogil:
                     uint64_t payload_len, uint64_t env_mask, uint32_t flags,
                     uint32_t epoch) noexcept
     void fv_batch_arm(fv_batch *b, uint32_t epoch, uint32_t n) noexcept
-    uint32_t fv_batch_remaining(const fv_batch *b) noexcept
     int fv_batch_leave(fv_batch *b, uint32_t epoch) noexcept
     uint64_t fv_resp_seq(const fv_ctl *c) noexcept
-    uint64_t fv_heartbeat(const fv_ctl *c) noexcept
+    uint32_t fv_heartbeat(const fv_ctl *c) noexcept
     uint64_t fv_busy_since(const fv_ctl *c) noexcept
     uint64_t fv_req_seq(const fv_ctl *c) noexcept
     void fv_begin(fv_ctl *c) noexcept
     void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) noexcept
     int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) noexcept
+    int fv_heartbeat_beat(fv_ctl *c, uint32_t generation) noexcept
     void fv_heartbeat_stop() noexcept
     int fv_set_parent_death_signal(int sig) noexcept
-    uint64_t fv_spin_req(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) noexcept
-    uint64_t fv_spin_resp(const fv_ctl *c, uint64_t seq, uint64_t spin_ns, int yield_cpu) noexcept
-    uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns,
-                                int yield_cpu) noexcept
+    uint64_t fv_spin_resp_until(const fv_ctl *c, uint64_t target, uint64_t spin_ns) noexcept
     uint64_t fv_now_ns() noexcept
     enum:
         FV_WAIT_OK
@@ -95,15 +91,15 @@ cdef extern from "ring.h" nogil:
                        uint32_t n, uint32_t opcode, uint32_t ring_index,
                        uint32_t flags) noexcept
     int64_t fv_spin_all(fv_ctl **ctls, const uint64_t *seqs, uint32_t n,
-                        uint64_t spin_ns, int yield_cpu) noexcept
+                        uint64_t spin_ns) noexcept
     int64_t fv_await_all(fv_ctl **ctls, const uint64_t *seqs, uint32_t n, uint64_t spin_ns,
-                         int yield_cpu, sem_t *done, int64_t block_ns,
+                         sem_t *done, int64_t block_ns,
                          const uint32_t *alarm, int *why) noexcept
     void fv_alarm_set(uint32_t *alarm, uint32_t value) noexcept
     int64_t fv_first_payload(fv_ctl **ctls, uint32_t n) noexcept
     uint32_t fv_sem_drain(sem_t *s) noexcept
     uint64_t fv_wait_request(const fv_ctl *c, sem_t *s, uint64_t last, uint64_t spin_ns,
-                             int yield_cpu, int64_t block_ns) noexcept
+                             int64_t block_ns) noexcept
     void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
                   uint64_t payload_len, uint32_t flags, uint32_t epoch) noexcept
     int fv_sem_wait(sem_t *s, int64_t timeout_ns) noexcept
@@ -121,11 +117,18 @@ cdef class Batch:
     cdef object _buf
 
 
-cdef class Waiter:
+cdef class SemHandle:
     cdef sem_t *s
+    cdef int _users         # users of s without the GIL: waits in flight, StepPaths
+    cdef sem_t *_closing    # s, closed while it had users: the last one out sem_closes it
+    cdef sem_t *_enter(self) except NULL
+    cdef void _leave(self) noexcept
 
 
 cdef class StepPath:
+    # Every pointer points into what the path holds itself: exported buffers of the
+    # mappings (_keep) and pinned SemHandles (_pinned: their close() is deferred until the
+    # path goes), so a close() by another thread cannot unmap them under a nogil wait.
     cdef fv_ctl **ctls
     cdef sem_t **sems
     cdef uint64_t *seqs
@@ -133,9 +136,11 @@ cdef class StepPath:
     cdef uint64_t *lens
     cdef uint32_t n
     cdef uint32_t alarm
-    cdef Batch batch
-    cdef Waiter done
+    cdef fv_batch *b
+    cdef sem_t *done
     cdef list _keep
+    cdef list _pinned
+    cdef sem_t *_pin(self, SemHandle w) except NULL
     cdef int send(self, uint32_t epoch, uint64_t first_seq, uint32_t opcode,
                   uint32_t ring_index, uint32_t flags) except -1
-    cdef int64_t await_all(self, uint64_t spin_ns, bint yield_cpu, double timeout) except -2
+    cdef int64_t await_all(self, uint64_t spin_ns, double timeout) except -2

@@ -2,6 +2,7 @@
 
 This is the one place where ring.h status codes become Python exceptions.
 """
+cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -21,7 +22,6 @@ OP_STEP = FV_OP_STEP
 OP_CALL = FV_OP_CALL
 OP_SET_ATTR = FV_OP_SET_ATTR
 OP_CLOSE = FV_OP_CLOSE
-OP_READY = FV_OP_READY
 ST_OK = FV_ST_OK
 ST_ERROR = FV_ST_ERROR
 ST_MISMATCH = FV_ST_MISMATCH
@@ -95,49 +95,37 @@ cdef class Ctl:
                 uint32_t epoch=0):
         fv_request(self._p(), seq, opcode, ring_index, payload_len, env_mask, flags, epoch)
 
-    def spin_resp(self, uint64_t seq, uint64_t spin_ns, bint yield_cpu=False):
-        """Spin without the GIL until resp_seq != seq or spin_ns pass; returns resp_seq."""
-        cdef fv_ctl *c = self._p()
-        cdef uint64_t v
-        with nogil:
-            v = fv_spin_resp(c, seq, spin_ns, yield_cpu)
-        return v
-
-    def spin_resp_until(self, uint64_t target, uint64_t spin_ns, bint yield_cpu=False):
+    def spin_resp_until(self, uint64_t target, uint64_t spin_ns):
         """Spin without the GIL until resp_seq == target or spin_ns pass; returns resp_seq."""
         cdef fv_ctl *c = self._p()
+        cdef object keep = self._buf  # the mapping stays while we spin, whoever releases
         cdef uint64_t v
         with nogil:
-            v = fv_spin_resp_until(c, target, spin_ns, yield_cpu)
-        return v
-
-    def spin_req(self, uint64_t seq, uint64_t spin_ns, bint yield_cpu=False):
-        """Spin without the GIL until req_seq != seq or spin_ns pass; returns req_seq."""
-        cdef fv_ctl *c = self._p()
-        cdef uint64_t v
-        with nogil:
-            v = fv_spin_req(c, seq, spin_ns, yield_cpu)
+            v = fv_spin_resp_until(c, target, spin_ns)
         return v
 
     # -- worker side -------------------------------------------------------
-    def wait_request(self, Waiter sem, uint64_t last, uint64_t spin_ns, bint yield_cpu=False):
+    def wait_request(self, SemHandle sem not None, uint64_t last, uint64_t spin_ns):
         """Wait (spin, then block on ``sem``) for a request newer than ``last``; returns
         its seq. Signal handlers run while waiting (within 50 ms of the signal, even one
         that lands during the spin); their exceptions propagate."""
         cdef fv_ctl *c = self._p()
+        cdef object keep = self._buf  # the mapping stays while we wait, whoever releases
         cdef uint64_t v
         cdef uint64_t spin = spin_ns
-        if sem.s == NULL:
-            raise RingError("semaphore used after close()")
-        while True:
-            with nogil:
-                v = fv_wait_request(c, sem.s, last, spin, yield_cpu, 50_000_000)
-            if v != last:
-                return v
-            spin = 0  # spun once already: block from now on
-            _run_signal_handlers()
+        cdef sem_t *s = sem._enter()
+        try:
+            while True:
+                with nogil:
+                    v = fv_wait_request(c, s, last, spin, 50_000_000)
+                if v != last:
+                    return v
+                spin = 0  # spun once already: block from now on
+                _run_signal_handlers()
+        finally:
+            sem._leave()
 
-    def reply(self, Batch batch, Waiter done, uint64_t seq, int status,
+    def reply(self, Batch batch, SemHandle done, uint64_t seq, int status,
               uint64_t payload_len, uint32_t flags, uint32_t epoch):
         """Publish the reply to ``seq`` and post ``done`` if the parent is owed a wake-up."""
         if batch.b == NULL or done.s == NULL:
@@ -151,7 +139,13 @@ cdef class Ctl:
         fv_complete(self._p(), seq, status, payload_len)
 
     def start_heartbeat(self, uint32_t interval_ms, int64_t owner_pid):
+        """Start this process's heartbeat thread: it beats the generation now in the block."""
         _check(fv_heartbeat_start(self._p(), interval_ms, owner_pid))
+
+    def beat(self, uint32_t generation):
+        """One beat of ``generation``, as the heartbeat thread beats; False (nothing
+        written) if the block belongs to another generation now."""
+        return fv_heartbeat_beat(self._p(), generation) != 0
 
     # -- fields ------------------------------------------------------------
     @property
@@ -164,6 +158,7 @@ cdef class Ctl:
 
     @property
     def heartbeat(self):
+        """Beats of the block's current generation (0: its heartbeat never ran)."""
         return fv_heartbeat(self._p())
 
     @property
@@ -278,9 +273,19 @@ cdef class Batch:
             raise RingError("batch block used after release()")
         return fv_batch_leave(self.b, epoch) != 0
 
-    @property
-    def remaining(self):
-        return fv_batch_remaining(self.b) if self.b != NULL else 0
+    def leave_many(self, uint32_t epoch, uint32_t times):
+        """Leave batch ``epoch`` ``times`` times in a row without the GIL; returns how many
+        of those leaves completed it (0 or 1). For stress tests: several processes doing
+        this at once put the counter's compare-and-swap under real contention."""
+        cdef fv_batch *b = self.b
+        cdef object keep = self._buf
+        cdef uint32_t i, completed = 0
+        if b == NULL:
+            raise RingError("batch block used after release()")
+        with nogil:
+            for i in range(times):
+                completed += fv_batch_leave(b, epoch)
+        return completed
 
     @property
     def epoch(self):
@@ -292,13 +297,18 @@ cdef int _run_signal_handlers() except -1:
     return PyErr_CheckSignals()
 
 
-cdef class Waiter:
-    """The parent's handle on a named semaphore for waiting (posix_ipc creates and owns it).
+cdef class SemHandle:
+    """A handle on a named semaphore (posix_ipc creates and owns it) for waiting on it and
+    posting it from C: the parent's done semaphore, the workers' request semaphores.
 
     Unlike posix_ipc's acquire, a signal interrupts the wait only to run Python's signal
     handlers: an exception they raise (KeyboardInterrupt, SystemExit from a SIGTERM handler,
     a deadline of the caller's) propagates; otherwise the wait goes on for the rest of its
     time. ``timeout``: None waits forever, 0 tries once, > 0 waits at most that long.
+
+    ``close()`` while another thread waits on it (without the GIL), or while a StepPath
+    built on it lives, closes it at once for every later call and sem_closes the handle
+    when the last of those lets go.
     """
 
     def __cinit__(self, name: str):
@@ -307,33 +317,47 @@ cdef class Waiter:
             self.s = NULL
             raise OSError(errno, f"cannot open semaphore {name}")
 
+    cdef sem_t *_enter(self) except NULL:
+        """The handle, for use without the GIL (a wait, a StepPath); pair with _leave()."""
+        if self.s == NULL:
+            raise RingError("semaphore used after close()")
+        self._users += 1
+        return self.s
+
+    cdef void _leave(self) noexcept:
+        self._users -= 1
+        if self._users == 0 and self._closing != NULL:
+            sem_close(self._closing)
+            self._closing = NULL
+
     def acquire(self, timeout=None) -> bool:
         """True if the semaphore was taken, False if the time ran out."""
-        cdef sem_t *s = self.s
+        cdef sem_t *s = self._enter()
         cdef int rc
         cdef int64_t ns
         cdef uint64_t deadline = 0
-        if s == NULL:
-            raise RingError("semaphore used after close()")
-        if timeout is not None:
-            deadline = fv_now_ns() + <uint64_t>(max(0.0, timeout) * 1e9)
-        while True:
-            if timeout is None:
-                ns = -1
-            else:
-                ns = <int64_t>deadline - <int64_t>fv_now_ns()
-                if ns < 0:
-                    ns = 0
-            with nogil:
-                rc = fv_sem_trywait(s) if ns == 0 else fv_sem_wait(s, ns)
-            if rc == FV_WAIT_OK:
-                return True
-            if rc == FV_WAIT_TIMEOUT:
-                return False
-            if rc == FV_WAIT_INTR:
-                _run_signal_handlers()
-                continue
-            raise OSError(errno, "sem_wait failed")
+        try:
+            if timeout is not None:
+                deadline = fv_now_ns() + <uint64_t>(max(0.0, timeout) * 1e9)
+            while True:
+                if timeout is None:
+                    ns = -1
+                else:
+                    ns = <int64_t>deadline - <int64_t>fv_now_ns()
+                    if ns < 0:
+                        ns = 0
+                with nogil:
+                    rc = fv_sem_trywait(s) if ns == 0 else fv_sem_wait(s, ns)
+                if rc == FV_WAIT_OK:
+                    return True
+                if rc == FV_WAIT_TIMEOUT:
+                    return False
+                if rc == FV_WAIT_INTR:
+                    _run_signal_handlers()
+                    continue
+                raise OSError(errno, "sem_wait failed")
+        finally:
+            self._leave()
 
     def post(self):
         """Post the semaphore once (sem_post)."""
@@ -357,37 +381,48 @@ cdef class Waiter:
                 return n
 
     def close(self):
-        if self.s != NULL:
+        if self.s == NULL:
+            return
+        if self._users:
+            self._closing = self.s  # in use without the GIL: the last _leave() closes
+        else:
             sem_close(self.s)
-            self.s = NULL
+        self.s = NULL
 
     def __dealloc__(self):
+        # (nothing can be using it: each user holds a reference)
         if self.s != NULL:
             sem_close(self.s)
+        if self._closing != NULL:
+            sem_close(self._closing)
 
 
 # -- batched calls: one C call per batch on the step path ------------------------------------
 
+@cython.no_gc_clear  # __dealloc__ unpins the SemHandles in _pinned
 cdef class StepPath:
     """The step path of a fixed set of worker slots, as C arrays built once: every call
     then covers all the workers in one C call without the GIL.
 
-    ``ctls``, ``sems`` (each slot's request semaphore, a Waiter) and ``masks`` (each
+    ``ctls``, ``sems`` (each slot's request semaphore, a SemHandle) and ``masks`` (each
     slot's env mask) are per slot, in order; ``done`` is the parent's done semaphore.
     Build a new one whenever a slot gets a new process (a new request semaphore).
+
+    The path keeps what its pointers point into for as long as it lives: a buffer export
+    of each mapping (closing the mmap raises BufferError, which Segment.close tolerates)
+    and a pin on each SemHandle (its close() then sem_closes only when the path is gone).
+    Releasing the Ctl and Batch objects or closing the SemHandles, from any thread, even
+    while a wait sleeps here without the GIL, unmaps nothing under it.
     """
 
-    def __cinit__(self, Batch batch, Waiter done, list ctls, list sems, masks):
+    def __cinit__(self, Batch batch not None, SemHandle done not None, list ctls, list sems,
+                  masks):
         cdef Py_ssize_t n = len(ctls), i
+        cdef Ctl ctl
         if len(sems) != n or len(masks) != n:
             raise ValueError("StepPath: every argument needs one entry per control block")
         if batch.b == NULL:
             raise RingError("batch block used after release()")
-        if done.s == NULL:
-            raise RingError("semaphore used after close()")
-        self.n = <uint32_t>n
-        self.batch, self.done = batch, done
-        self._keep = [list(ctls), list(sems)]  # the buffers behind the pointers stay alive
         self.ctls = <fv_ctl **>calloc(max(n, 1), sizeof(fv_ctl *))
         self.sems = <sem_t **>calloc(max(n, 1), sizeof(sem_t *))
         self.seqs = <uint64_t *>calloc(max(n, 1), sizeof(uint64_t))
@@ -395,16 +430,33 @@ cdef class StepPath:
         self.lens = <uint64_t *>calloc(max(n, 1), sizeof(uint64_t))
         if not (self.ctls and self.sems and self.seqs and self.masks and self.lens):
             raise MemoryError()
+        self.n = <uint32_t>n
+        self._keep = [batch._buf]
+        self._pinned = []
+        self.b = batch.b
+        self.done = self._pin(done)
         for i in range(n):
-            self.ctls[i] = (<Ctl>ctls[i]).c
-            self.sems[i] = (<Waiter>sems[i]).s
-            if self.ctls[i] == NULL:
+            ctl = <Ctl?>ctls[i]
+            if ctl.c == NULL:
                 raise RingError("control block used after release()")
-            if self.sems[i] == NULL:
-                raise RingError("semaphore used after close()")
+            self._keep.append(ctl._buf)
+            self.ctls[i] = ctl.c
+            self.sems[i] = self._pin(<SemHandle?>sems[i])
             self.masks[i] = <uint64_t>masks[i]
 
+    cdef sem_t *_pin(self, SemHandle w) except NULL:
+        if w is None:
+            raise TypeError("StepPath needs SemHandles, not None")
+        cdef sem_t *s = w._enter()
+        self._pinned.append(w)
+        return s
+
     def __dealloc__(self):
+        # (a half-built path comes here too: _pinned holds what was pinned)
+        cdef SemHandle w
+        if self._pinned is not None:
+            for w in self._pinned:
+                w._leave()
         free(self.ctls)
         free(self.sems)
         free(self.seqs)
@@ -414,16 +466,14 @@ cdef class StepPath:
     cdef int send(self, uint32_t epoch, uint64_t first_seq, uint32_t opcode,
                   uint32_t ring_index, uint32_t flags) except -1:
         cdef uint32_t i
-        if self.batch.b == NULL:
-            raise RingError("batch block used after release()")
         for i in range(self.n):
             self.seqs[i] = first_seq + i
         with nogil:
-            fv_send_batch(self.batch.b, epoch, self.ctls, self.sems, self.seqs, self.masks,
+            fv_send_batch(self.b, epoch, self.ctls, self.sems, self.seqs, self.masks,
                           self.lens, self.n, opcode, ring_index, flags)
         return 0
 
-    cdef int64_t await_all(self, uint64_t spin_ns, bint yield_cpu, double timeout) except -2:
+    cdef int64_t await_all(self, uint64_t spin_ns, double timeout) except -2:
         """-1 when every slot replied OK; else (``timeout`` s ran out, a reply is not OK,
         the alarm is up) the index of the first slot still owing its reply or not OK, and
         the caller takes the careful path. Signal handlers run on EINTR; their exceptions
@@ -433,14 +483,12 @@ cdef class StepPath:
         cdef uint64_t deadline = fv_now_ns() + <uint64_t>(max(0.0, timeout) * 1e9)
         if self.n == 0:
             return -1
-        if self.done.s == NULL:
-            raise RingError("semaphore used after close()")
         while True:
             block = <int64_t>deadline - <int64_t>fv_now_ns()
             with nogil:
-                fv_sem_drain(self.done.s)  # posts a finished wait did not need
-                i = fv_await_all(self.ctls, self.seqs, self.n, spin_ns, yield_cpu,
-                                 self.done.s, block if block > 0 else 0, &self.alarm, &why)
+                fv_sem_drain(self.done)  # posts a finished wait did not need
+                i = fv_await_all(self.ctls, self.seqs, self.n, spin_ns, self.done,
+                                 block if block > 0 else 0, &self.alarm, &why)
             if i < 0 or why != FV_WAIT_INTR:
                 return i
             _run_signal_handlers()
@@ -452,12 +500,12 @@ cdef class StepPath:
         ``flags``) into slot i's control block, post every request semaphore."""
         self.send(epoch, first_seq, opcode, ring_index, flags)
 
-    def wait_all(self, uint64_t spin_ns, bint yield_cpu=True, double timeout=0.0):
+    def wait_all(self, uint64_t spin_ns, double timeout=0.0):
         """Spin up to ``spin_ns``, then sleep on the done semaphore up to ``timeout`` s or
         until the alarm is raised. -1 when every slot replied its request of the last
         send_batch with ST_OK (and no alarm is up), else the index of the first slot that
         did not."""
-        return self.await_all(spin_ns, yield_cpu, timeout)
+        return self.await_all(spin_ns, timeout)
 
     def raise_alarm(self):
         """Send a wait (this one, or the next) back to its caller: call it (from any
@@ -468,11 +516,11 @@ cdef class StepPath:
         """The caller is looking at every failure now."""
         fv_alarm_set(&self.alarm, 0)
 
+    @property
+    def alarm_raised(self):
+        """Whether a wait would go back to its caller for a failure (the alarm is up)."""
+        return self.alarm != 0
+
     def first_payload(self):
         """Index of the first slot whose reply carries side-buffer bytes, or -1."""
         return fv_first_payload(self.ctls, self.n)
-
-    @property
-    def expected(self):
-        """The seq each slot owes a reply to (those of the last send_batch)."""
-        return [self.seqs[i] for i in range(self.n)]

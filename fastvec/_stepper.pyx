@@ -16,7 +16,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from fastvec._ring cimport (FV_OP_CLOSE, FV_OP_STEP, FV_REQ_COUNTED, FV_REQ_NO_SPIN, FV_ST_OK,
-                            Batch, Ctl, Waiter, fv_ctl)
+                            Batch, Ctl, SemHandle, fv_ctl)
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -288,8 +288,8 @@ def serve(worker):
     through Ctl's methods.)"""
     cdef Ctl ctl = worker.ctl
     cdef Batch batch = worker.batch
-    cdef Waiter req = worker.req_sem
-    cdef Waiter done = worker.done_sem
+    cdef SemHandle req = worker.req_sem
+    cdef SemHandle done = worker.done_sem
     cdef StepKernel kernel = worker.kernel
     cdef uint64_t spin = worker.spec.spin_ns
     cdef uint64_t seq = worker.spec.start_seq - 1
@@ -299,7 +299,7 @@ def serve(worker):
     cdef list no_pickled = [None] * len(worker.envs)
     while True:
         # the parent says whether a core is free for spinning (see Supervisor.spin_ns)
-        seq = ctl.wait_request(req, seq, 0 if c.flags & FV_REQ_NO_SPIN else spin, True)
+        seq = ctl.wait_request(req, seq, 0 if c.flags & FV_REQ_NO_SPIN else spin)
         if kernel is not None and c.opcode == FV_OP_STEP and c.req_payload_len == 0:
             flags, epoch = c.flags, c.batch_epoch
             ctl.begin()

@@ -38,7 +38,7 @@ OFFSETS = {
     "resp_seq": (128, "<Q"), "status": (136, "<i"), "worker_pid": (140, "<i"),
     "resp_payload_len": (144, "<Q"), "busy_since_ns": (152, "<Q"),
     "last_request_ns": (160, "<Q"), "progress": (168, "<Q"), "episodes": (176, "<Q"),
-    "rss_bytes": (184, "<Q"), "heartbeat": (192, "<Q"), "payload_cap": (200, "<Q"),
+    "rss_bytes": (184, "<Q"), "heartbeat": (192, "<I"), "payload_cap": (200, "<Q"),
 }
 
 
@@ -50,6 +50,11 @@ def raw(buf, field, base=0):
 def put_raw(buf, field, value, base=0):
     off, fmt = OFFSETS[field]
     struct.pack_into(fmt, buf, base + off, value)
+
+
+def remaining(buf, base=0):
+    """Replies the batch block at ``base`` still owes (the low half of its state word)."""
+    return struct.unpack_from("<Q", buf, base)[0] & 0xFFFFFFFF
 
 
 def fresh(size=_ring.CTL_SIZE, offset=0, fill=0):
@@ -64,7 +69,7 @@ def test_constants_match_ring_h():
     assert _ring.CTL_SIZE == 256
     assert _ring.MAGIC == 0x31525646 and struct.pack("<I", _ring.MAGIC) == b"FVR1"
     assert (_ring.OP_NONE, _ring.OP_RESET, _ring.OP_STEP, _ring.OP_CALL, _ring.OP_SET_ATTR,
-            _ring.OP_CLOSE, _ring.OP_READY) == (0, 1, 2, 3, 4, 5, 6)
+            _ring.OP_CLOSE) == (0, 1, 2, 3, 4, 5)
     assert (_ring.ST_OK, _ring.ST_ERROR, _ring.ST_MISMATCH) == (0, 1, 2)
     assert _ring.EXIT_ORPHANED == 75
 
@@ -102,7 +107,7 @@ def test_init_then_check_and_corruption():
     ctl.init(3, 7, 12345, 41)
     ctl.check()
     assert raw(buf, "magic") == _ring.MAGIC
-    assert raw(buf, "version") == 2
+    assert raw(buf, "version") == 3
     assert raw(buf, "worker_index") == 3 and raw(buf, "generation") == 7 == ctl.generation
     assert raw(buf, "owner_pid") == 12345 == ctl.owner_pid
     assert ctl.req_seq == ctl.resp_seq == 41
@@ -242,16 +247,13 @@ def test_raw_writes_are_read_by_the_properties(field):
     assert getattr(ctl, field) == value
 
 
-@pytest.mark.skipif(not hasattr(_ring.Ctl, "spin_resp"), reason="no spin in this build")
-def test_spin_returns_the_changed_sequence_or_gives_up():
+def test_spin_until_returns_the_target_or_gives_up():
     _, ctl = fresh()
     ctl.init(0, 0, 1, 5)
-    assert ctl.spin_resp(5, 0) == 5 and ctl.spin_req(5, 0, True) == 5
-    assert ctl.spin_resp(5, 20_000) == 5  # nothing changes: gives up, returns seq
+    assert ctl.spin_resp_until(6, 0) == 5  # no spin: one look
+    assert ctl.spin_resp_until(6, 20_000) == 5  # not reached: gives up, returns resp_seq
     ctl.complete(6, _ring.ST_OK)
-    assert ctl.spin_resp(5, 10**12) == 6  # changed already: returns at once
-    ctl.request(9, _ring.OP_STEP, 0)
-    assert ctl.spin_req(5, 10**12) == 9
+    assert ctl.spin_resp_until(6, 10**12) == 6  # reached already: returns at once
 
 
 def test_now_ns_does_not_go_backwards():
@@ -573,21 +575,23 @@ def test_request_carries_its_batch_epoch():
 def test_batch_counter_completes_once_and_drops_stale_epochs():
     """The reply that completes batch e reports it once; a decrement carrying an older epoch
     (a reply published, then descheduled before leaving) never counts against batch e."""
-    batch = _ring.Batch(bytearray(_ring.BATCH_SIZE), 0)
+    buf = bytearray(_ring.BATCH_SIZE)
+    batch = _ring.Batch(buf, 0)
     batch.arm(3, 5)
-    assert not batch.leave(4) and batch.remaining == 3  # stale: dropped
+    assert not batch.leave(4) and remaining(buf) == 3  # stale: dropped
     assert not batch.leave(5) and not batch.leave(5)
-    assert batch.leave(5) and batch.remaining == 0
-    assert not batch.leave(5) and batch.remaining == 0  # never below zero, never twice
+    assert batch.leave(5) and remaining(buf) == 0
+    assert not batch.leave(5) and remaining(buf) == 0  # never below zero, never twice
     batch.arm(2, 6)
-    assert not batch.leave(5) and batch.remaining == 2 and batch.epoch == 6
+    assert not batch.leave(5) and remaining(buf) == 2 and batch.epoch == 6
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=20))
 def test_batch_counter_property(batches):
     """Whatever stale decrements interleave, batch e completes exactly after its n leaves."""
-    counter = _ring.Batch(bytearray(_ring.BATCH_SIZE), 0)
+    buf = bytearray(_ring.BATCH_SIZE)
+    counter = _ring.Batch(buf, 0)
     for epoch, (n, stale) in enumerate(batches, start=1):
         counter.arm(n, epoch)
         completions = 0
@@ -596,7 +600,7 @@ def test_batch_counter_property(batches):
                 assert not counter.leave(epoch - 1)
             completions += counter.leave(epoch)
             assert completions == (k == n - 1)
-        assert counter.remaining == 0
+        assert remaining(buf) == 0
 
 
 def test_spin_resp_until_waits_for_the_target_not_any_change():
@@ -622,7 +626,7 @@ def named_semaphores():
         sem = posix_ipc.Semaphore(f"/fv{os.getpid()}_{os.urandom(4).hex()}_t{len(made)}",
                                   posix_ipc.O_CREX, initial_value=0)
         made.append(sem)
-        return sem, _ring.Waiter(sem.name)
+        return sem, _ring.SemHandle(sem.name)
 
     yield make
     for sem in made:
@@ -649,7 +653,7 @@ def step_path(n, named_semaphores):
 def test_step_path_send_arms_writes_every_request_and_posts_every_semaphore(named_semaphores):
     buf, ctls, batch, sems, _, path = step_path(3, named_semaphores)
     path.send_batch(9, 11, _ring.OP_STEP, 1, _ring.REQ_NO_SPIN)
-    assert batch.remaining == 3 and batch.epoch == 9 and path.expected == [11, 12, 13]
+    assert remaining(buf, 3 * _ring.CTL_SIZE) == 3 and batch.epoch == 9
     for w, ctl in enumerate(ctls):
         assert (ctl.req_seq, ctl.opcode, ctl.ring_index) == (11 + w, _ring.OP_STEP, 1)
         assert (ctl.env_mask, ctl.req_payload_len) == ([1, 3, 7][w], 0)
@@ -669,7 +673,7 @@ def test_step_path_wait_spins_sleeps_and_checks_every_status(named_semaphores):
     ctls[0].complete(11, _ring.ST_OK)
     ctls[2].complete(13, _ring.ST_ERROR)
     t0 = time.monotonic()
-    assert path.wait_all(20_000, True, 0.05) == 1  # spins, sleeps 50 ms, gives up on 1
+    assert path.wait_all(20_000, 0.05) == 1  # spins, sleeps 50 ms, gives up on 1
     assert 0.04 < time.monotonic() - t0 < 5
     ctls[1].complete(12, _ring.ST_OK)
     assert path.wait_all(10**12) == 2  # all replied: the first that is not OK
@@ -690,7 +694,7 @@ def test_step_path_wait_wakes_on_the_done_post_and_drains_stale_posts(named_sema
     t0 = time.monotonic()
     timer.start()
     try:
-        assert path.wait_all(0, True, 30.0) == -1  # woken by the post, long before 30 s
+        assert path.wait_all(0, 30.0) == -1  # woken by the post, long before 30 s
     finally:
         timer.join()
     assert time.monotonic() - t0 < 5
@@ -698,7 +702,7 @@ def test_step_path_wait_wakes_on_the_done_post_and_drains_stale_posts(named_sema
     timer = threading.Timer(0.05, done.release)  # a stale post: sleeps on
     timer.start()
     try:
-        assert path.wait_all(0, True, 0.3) == 0
+        assert path.wait_all(0, 0.3) == 0
     finally:
         timer.join()
     assert 0.25 < time.monotonic() - t0 < 10
@@ -706,7 +710,7 @@ def test_step_path_wait_wakes_on_the_done_post_and_drains_stale_posts(named_sema
     timer = threading.Timer(0.05, lambda: (path.raise_alarm(), done.release()))
     timer.start()  # the watchdog found a failure: back to the caller at once
     try:
-        assert path.wait_all(0, True, 30.0) == 0
+        assert path.wait_all(0, 30.0) == 0
     finally:
         timer.join()
     assert time.monotonic() - t0 < 5
@@ -730,7 +734,7 @@ def test_step_path_wait_runs_signal_handlers(named_semaphores):
         t0 = time.monotonic()
         timer.start()
         with pytest.raises(TimeoutError, match="deadline"):
-            path.wait_all(0, True, 60.0)
+            path.wait_all(0, 60.0)
         assert time.monotonic() - t0 < 5
     finally:
         timer.join()
@@ -744,7 +748,7 @@ def test_reply_posts_done_once_per_batch(named_semaphores):
     ctls[0].reply(batch, done_w, 11, _ring.ST_OK, 0, _ring.REQ_COUNTED, 4)
     assert done.value == 0 and ctls[0].resp_seq == 11
     ctls[1].reply(batch, done_w, 12, _ring.ST_OK, 0, _ring.REQ_COUNTED, 4)
-    assert done.value == 1 and batch.remaining == 0
+    assert done.value == 1 and remaining(buf, 2 * _ring.CTL_SIZE) == 0
     ctls[1].reply(batch, done_w, 13, _ring.ST_OK, 0, 0, 0)  # not counted: always posts
     assert done.value == 2
 
@@ -755,7 +759,7 @@ def test_wait_request_spins_or_blocks_and_keeps_the_semaphore_bounded(named_sema
     sem, waiter = named_semaphores()
     ctl.request(11, _ring.OP_STEP, 0)
     sem.release()
-    assert ctl.wait_request(waiter, 10, 10**6, True) == 11
+    assert ctl.wait_request(waiter, 10, 10**6) == 11
     assert sem.value == 0  # the post the spin overtook was taken
     ctl.request(12, _ring.OP_STEP, 0)
     sem.release()
@@ -807,7 +811,7 @@ def test_a_signal_that_lands_during_the_spin_still_reaches_its_handler(named_sem
         t0 = time.monotonic()
         timer.start()
         with pytest.raises(TimeoutError, match="handled"):
-            ctls[0].wait_request(waiter, 10, 300_000_000, True)
+            ctls[0].wait_request(waiter, 10, 300_000_000)
         assert time.monotonic() - t0 < 2.0
     finally:
         timer.join()
@@ -823,7 +827,7 @@ def test_no_spin_for_replies_expected_after_a_slow_request(named_semaphores):
     ctls[0].complete(11, _ring.ST_OK)
     put_raw(buf, "last_request_ns", 10**12, base=_ring.CTL_SIZE)  # worker 1 was slow
     t0 = time.monotonic()
-    assert path.wait_all(5 * 10**11, True, 0.0) == 1
+    assert path.wait_all(5 * 10**11, 0.0) == 1
     _, waiter = named_semaphores()
 
     def handler(signum, frame):
@@ -834,7 +838,7 @@ def test_no_spin_for_replies_expected_after_a_slow_request(named_semaphores):
     try:
         timer.start()
         with pytest.raises(TimeoutError, match="slept"):
-            ctls[1].wait_request(waiter, 12, 5 * 10**11, True)
+            ctls[1].wait_request(waiter, 12, 5 * 10**11)
     finally:
         timer.join()
         signal.signal(signal.SIGUSR2, old)
