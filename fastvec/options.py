@@ -7,7 +7,6 @@ gymnasium's ``AsyncVectorEnv``) and builds one :class:`Options`; everything belo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from gymnasium.vector import AutoresetMode
@@ -22,6 +21,13 @@ ON_BUDGET_EXHAUSTED = ("raise", "disable")
 # between steps; anything slower sleeps, where one wake-up is small next to the work.
 AUTO_SPIN_US = 100.0
 
+# step_timeout="auto": a request may run AUTO_HANG_FACTOR times the slowest one the worker
+# completed, and never less than AUTO_HANG_FLOOR seconds. The floor is generous on
+# purpose: a verdict kills a process, and a loaded 2-core machine can stall a healthy one
+# for seconds; a deadlock is still caught within a minute with default options.
+AUTO_HANG_FLOOR = 60.0
+AUTO_HANG_FACTOR = 20.0
+
 
 @dataclass(frozen=True)
 class Options:
@@ -35,7 +41,7 @@ class Options:
     on_budget_exhausted: str = "raise"
     heartbeat_interval: float = 0.05
     heartbeat_timeout: float = 5.0
-    step_timeout: float | None = None
+    step_timeout: float | str | None = "auto"
     start_timeout: float = 60.0
     max_restarts: int = 5
     restart_window: float = 60.0
@@ -70,8 +76,10 @@ class Options:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
             raise ValueError("heartbeat_timeout must exceed two heartbeat intervals")
-        if self.step_timeout is not None and not self.step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 or None, got {self.step_timeout}")
+        if self.step_timeout != "auto" and self.step_timeout is not None and not (
+                isinstance(self.step_timeout, (int, float)) and self.step_timeout > 0):
+            raise ValueError(f"step_timeout must be 'auto', a number of seconds > 0 or None, "
+                             f"got {self.step_timeout!r}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         if self.recycle_grace < 0:
@@ -117,6 +125,18 @@ class Options:
         us = AUTO_SPIN_US if self.spin_us == "auto" else float(self.spin_us)
         return int(us * 1000)
 
-    @classmethod
-    def names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+    def hang_bound(self, slowest_ns: int) -> float | None:
+        """Seconds a worker's request (step, reset, call, set_attr) may run before the
+        worker counts as hung, given the slowest request it completed (ns); None: never.
+        "auto": AUTO_HANG_FACTOR x that, at least AUTO_HANG_FLOOR."""
+        if self.step_timeout is None:
+            return None
+        if self.step_timeout == "auto":
+            return max(AUTO_HANG_FLOOR, AUTO_HANG_FACTOR * slowest_ns / 1e9)
+        return float(self.step_timeout)
+
+    def describe_hang_bound(self, bound: float) -> str:
+        if self.step_timeout == "auto":
+            return (f"step_timeout='auto' ({bound:.1f} s: {AUTO_HANG_FACTOR:g}x the slowest "
+                    f"request seen, at least {AUTO_HANG_FLOOR:g} s)")
+        return f"step_timeout={self.step_timeout} s"

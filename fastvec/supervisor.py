@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import posix_ipc
 
 from fastvec import _ring
-from fastvec.errors import FastVecError, RingError, WaitTimeout
+from fastvec.errors import ClosedEnvError, RingError, WaitTimeout
+from fastvec.failures import Failure, describe_exit
 from fastvec.options import Options
-from fastvec.shm import Names, Segment, create_semaphore, get_pickle
+from fastvec.shm import Names, Segment, get_pickle
+from fastvec.watchdog import Watchdog
 from fastvec.worker import InProcess, WorkerSpec, worker_main
+
+__all__ = ["Failure", "Slot", "Supervisor", "describe_exit", "get_error"]
 
 log = logging.getLogger("fastvec")
 
@@ -43,44 +44,13 @@ _SPIN_RECHECK = 256  # batches between two looks at the cores in reach (Options.
 _FAILED_POLL = 0.002  # once a worker failed, the batch counter never completes: poll
 
 
-@dataclass
-class Failure:
-    """What went wrong with one worker, as seen by the parent."""
-
-    reason: str  # "died", "frozen", "hung", "exception", "start", "mismatch", "recycle"
-    detail: str
-    exitcode: int | None = None
-    remote: tuple | None = None  # (exception or None, formatted traceback) from the worker
-    cause: BaseException | None = None  # a local exception (fork failed, ...)
-    seq: int = 0  # the request it refers to: a reply to that request arriving first wins
-    when: float = field(default_factory=time.time)
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = {"SIGKILL": " (sent by a user or by the kernel's OOM killer)",
-                "SIGSEGV": " (segmentation fault in native code)",
-                "SIGBUS": " (bus error; is /dev/shm full?)",
-                "SIGABRT": " (aborted)"}.get(name, "")
-        return f"killed by {name}{hint}"
-    if exitcode == _ring.EXIT_ORPHANED:
-        return "exited: its parent disappeared"
-    return f"exited with code {exitcode}"
-
-
 class Slot:
     """One worker slot: a control block, a request semaphore, a side buffer, a process."""
 
     process = None
-    req_sem = None
+    req_sem = None  # the request semaphore (posix_ipc: created here, unlinked at the end)
     req_sem_name = None
-    req_post: _ring.Waiter | None = None  # the same semaphore, posted from C
+    req_handle: _ring.SemHandle | None = None  # a C handle on it: posts, and the step path
     failure: Failure | None = None  # set by the watchdog (or a failed start)
     disabled: Failure | None = None  # out of play: the restart budget ran out
     lost: Failure | None = None  # replaced outside a step: the next step reports it
@@ -99,8 +69,6 @@ class Slot:
         self.recycles = 0
         self.reasons: collections.Counter = collections.Counter()
         self.last_failure: Failure | None = None
-        self.hb_value = -1
-        self.hb_time = 0.0
         self.latency = np.zeros(_LATENCY_WINDOW, np.int64)
         self.latency_count = 0
 
@@ -136,24 +104,21 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.retiring: list[tuple] = []  # (process, SIGKILL deadline) of recycled workers
         self.zombies: list = []
-        self.done_sem_name = prefix + "done"
-        self.done_sem = create_semaphore(self.done_sem_name)
-        self.done_waiter = _ring.Waiter(self.done_sem_name)  # waits that let signals through
-        names.track_semaphore(self.done_sem_name)
+        self.done_sem = names.new_semaphore("done")
+        self.done_sem_name = self.done_sem.name
+        self.done_handle = _ring.SemHandle(self.done_sem_name)  # waits that let signals through
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
         for w, env_indices in enumerate(slots_envs):
-            pname = f"{prefix}p{w}"
-            names.track_segment(pname)
-            payload = Segment(pname, 64 * 1024, create=True)
+            payload = names.new_segment(f"p{w}", 64 * 1024)
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
         self._step_path: _ring.StepPath | None = None
         self.spin_ns = options.spin_ns(len(os.sched_getaffinity(0)))
         self._batches = 0  # send_all calls, to look at the cores again now and then
-        self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread: threading.Thread | None = None
+        self.closing = False  # close() began: waits of other threads give up
+        self.watchdog = Watchdog(self.slots, self.lock, options, alarm=self._alarm,
+                                 tend=self._reap_retiring)
 
     # -- sequence numbers and requests ---------------------------------------------
     def next_seq(self) -> int:
@@ -165,16 +130,16 @@ class Supervisor:
         seq = self.next_seq()
         slot.expected = seq
         slot.ctl.request(seq, op, ring, payload_len, slot.env_mask() if mask is None else mask)
-        slot.req_post.post()
+        slot.req_handle.post()
         if self.serial and slot.process is not None:
             slot.process.serve_one()
 
     def _path(self) -> _ring.StepPath:
         """The C arrays of the step path, rebuilt whenever a slot got a new process."""
         if self._step_path is None:
-            self._step_path = _ring.StepPath(self.batch, self.done_waiter,
+            self._step_path = _ring.StepPath(self.batch, self.done_handle,
                                              [s.ctl for s in self.slots],
-                                             [s.req_post for s in self.slots],
+                                             [s.req_handle for s in self.slots],
                                              [s.env_mask() for s in self.slots])
             if any(s.failure is not None for s in self.slots):
                 self._step_path.raise_alarm()  # flagged before this path existed
@@ -213,12 +178,15 @@ class Supervisor:
         n = len(self.slots)
         epoch = (self.epoch + 1) & 0xFFFFFFFF
         first = self.seq + 1
-        for slot, seq in zip(self.slots, range(first, first + n)):
-            slot.expected = seq  # before the post: the watchdog reads it
         if writer is None:
             path.send_batch(epoch, first, op, ring, self._spin_flags())
         elif not writer.send(path, actions, h, epoch, first, op, ring, self._spin_flags()):
-            return False  # never sent: the next request's send sets `expected` again
+            return False  # declined (an invalid action): nothing sent, nothing expected
+        # Only a request sent is expected (close() asks workers that owe nothing to close
+        # their envs). The watchdog judges `expected`; a moment with the old value only
+        # defers its look: the old request is answered, so nothing is judged hung.
+        for slot, seq in zip(self.slots, range(first, first + n)):
+            slot.expected = seq
         self._batches += 1
         self.epoch = epoch
         self.seq += n
@@ -232,11 +200,11 @@ class Supervisor:
         path = self._step_path
         if path is not None:
             if timeout is None:
-                if path.wait_all(self.spin_ns, True, _SLICE) < 0:
+                if path.wait_all(self.spin_ns, _SLICE) < 0:
                     return []
             else:
                 t0 = time.monotonic()
-                if path.wait_all(self.spin_ns, True, min(max(timeout, 0.0), _SLICE)) < 0:
+                if path.wait_all(self.spin_ns, min(max(timeout, 0.0), _SLICE)) < 0:
                     return []
                 timeout = max(0.0, timeout - (time.monotonic() - t0))
         return self.wait(self.slots, timeout, spin=False)  # spun already: sleep now
@@ -259,7 +227,7 @@ class Supervisor:
                              slot.env_mask() if mask is None else mask,
                              _ring.REQ_COUNTED | self._spin_flags(), self.epoch)
         for item in items:
-            item[0].req_post.post()
+            item[0].req_handle.post()
         if self.serial:
             for item in items:
                 if item[0].process is not None:
@@ -279,13 +247,13 @@ class Supervisor:
                 self._step_path = None  # a new semaphore: rebuild the C arrays
                 if slot.req_sem is not None:
                     slot.req_sem.close()
-                    slot.req_post.close()
+                    slot.req_handle.close()
                     self.names.forget_semaphore(slot.req_sem_name)
-                    slot.req_sem = slot.req_post = None
-                slot.req_sem_name = f"{self.prefix}r{slot.index}g{slot.generation}"
-                self.names.track_semaphore(slot.req_sem_name)
-                slot.req_sem = create_semaphore(slot.req_sem_name)
-                slot.req_post = _ring.Waiter(slot.req_sem_name)
+                    slot.req_sem = slot.req_handle = None
+                # a fresh unguessable name: one another user made first is retried, not failed
+                slot.req_sem = self.names.new_semaphore(f"r{slot.index}")
+                slot.req_sem_name = slot.req_sem.name
+                slot.req_handle = _ring.SemHandle(slot.req_sem_name)
                 start_seq = self.next_seq()
                 slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
                 slot.expected = start_seq
@@ -315,8 +283,8 @@ class Supervisor:
                                        f"{type(exc).__name__}: {exc}", cause=exc)
                 raise
             slot.process = proc
-            slot.hb_value, slot.hb_time = -1, time.monotonic()
-        self._poke()
+            self.watchdog.watch(slot)
+        self.watchdog.poke()
 
     def await_ready(self, slots: list[Slot]) -> dict[Slot, Failure]:
         """Wait, at most ``start_timeout``, for freshly started slots to build their envs.
@@ -376,7 +344,27 @@ class Supervisor:
             except ProcessLookupError:
                 pass
             self.retiring.append((proc, time.monotonic() + self.options.recycle_grace))
-        self._poke()
+        self.watchdog.poke()
+
+    def _reap_retiring(self) -> list:
+        """Join recycled workers that exited, SIGKILL those past recycle_grace; returns
+        the sentinels of those still closing (the watchdog's thread waits on them too)."""
+        now = time.monotonic()
+        with self.lock:
+            keep = []
+            for proc, deadline in self.retiring:
+                proc.join(0)
+                if proc.exitcode is not None:
+                    proc.close()
+                elif now >= deadline:
+                    log.warning("recycled worker (pid %d) did not exit within recycle_grace="
+                                "%s s after closing its envs: SIGKILL", proc.pid,
+                                self.options.recycle_grace)
+                    self._kill(proc)
+                else:
+                    keep.append((proc, deadline))
+            self.retiring = keep
+            return [proc.sentinel for proc, _ in keep]
 
     def _kill(self, proc) -> None:
         if isinstance(proc, InProcess):
@@ -399,23 +387,16 @@ class Supervisor:
         """Empty the done semaphore: it is a wake-up hint, resp_seq is the truth. Posts a
         previous wait did not need (it found the replies already there) go here, so the
         count stays bounded however the caller interleaves its own work."""
-        self.done_waiter.drain()
+        self.done_handle.drain()
 
     def _settle(self, slot: Slot) -> None:
-        """The reply arrived: a hung/frozen finding about that very request is void (the
-        worker answered after all). A death stays: the process is gone either way."""
+        """A reply arrived: a hung/frozen verdict about that request (or an earlier one)
+        is void (the worker answered after all). A death stays."""
         f = slot.failure
-        if f is not None and f.reason in ("hung", "frozen") and f.seq == slot.expected:
+        if f is not None and f.answered_by(slot.ctl.resp_seq):
             with self.lock:
                 if slot.failure is f:
                     slot.failure = None
-
-    def _check_watchdog(self) -> None:
-        t = self._thread
-        if t is not None and not t.is_alive() and not self._stop.is_set():
-            raise FastVecError("fastvec's watchdog thread stopped, so failed workers can no "
-                               "longer be detected; close this env and build a new one (and "
-                               "report the log's traceback as a fastvec bug)")
 
     def wait(self, slots: list[Slot], timeout: float | None, spin: bool = True) -> list[Slot]:
         """Wait until every slot answered its expected seq or failed; returns the failed ones.
@@ -424,14 +405,28 @@ class Supervisor:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failed = []
-        sem, spin = self.done_waiter, self.spin_ns if spin else 0
-        if self._step_path is not None:
-            self._step_path.clear_alarm()  # every failure is looked at below
+        sem, spin = self.done_handle, self.spin_ns if spin else 0
+        path = self._step_path
+        if path is not None:
+            path.clear_alarm()  # every failure of these slots is looked at below
+        try:
+            return self._wait(slots, deadline, timeout, failed, sem, spin)
+        finally:
+            # A failure outside these slots (a masked reset, a call that skipped a slot)
+            # is still unseen: keep the alarm up, or the next step sleeps a whole slice.
+            if path is not None and path is self._step_path and any(
+                    s.failure is not None for s in self.slots if s not in slots):
+                path.raise_alarm()
+
+    def _wait(self, slots, deadline, timeout, failed, sem, spin) -> list[Slot]:
+        self._check_open()
+        for slot in self.slots:
+            self._settle(slot)  # verdicts a later reply voided
         self._drain()
         poll = _FAILED_POLL if any(s.failure is not None for s in slots) else 1.0
         for slot in slots:
             if spin:
-                slot.ctl.spin_resp_until(slot.expected, spin, True)
+                slot.ctl.spin_resp_until(slot.expected, spin)
             while True:
                 if slot.ctl.resp_seq == slot.expected:
                     self._settle(slot)
@@ -442,7 +437,8 @@ class Supervisor:
                     failed.append(slot)
                     poll = _FAILED_POLL
                     break
-                self._check_watchdog()
+                self.watchdog.check_alive()
+                self._check_open()
                 wait = poll
                 if deadline is not None:
                     wait = deadline - time.monotonic()
@@ -471,12 +467,13 @@ class Supervisor:
                     failed.append(s)
             if len(ready) + len(failed) >= count:
                 return ready, failed
-            self._check_watchdog()
+            self.watchdog.check_alive()
+            self._check_open()
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
                 raise WaitTimeout(f"fewer than {count} of {len(slots)} envs answered within "
                                   f"{timeout} s")
-            self.done_waiter.acquire(wait)
+            self.done_handle.acquire(wait)
 
     def record_latency(self, slots: list[Slot]) -> None:
         for slot in slots:
@@ -485,108 +482,30 @@ class Supervisor:
 
     # -- the watchdog ------------------------------------------------------------------
     def start_watchdog(self) -> None:
-        if self.serial:
-            return  # nothing runs outside this thread: nothing to watch
-        self._thread = threading.Thread(target=self._watch, name="fastvec-watchdog", daemon=True)
-        self._thread.start()
+        if not self.serial:  # in serial mode nothing runs outside this thread
+            self.watchdog.start()
 
-    def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+    def interrupt(self) -> None:
+        """close() from another thread: every wait in progress returns at once (its call
+        raises ClosedEnvError) before the memory it reads goes."""
+        self.closing = True
+        self._alarm()
 
-    def _flag(self, slot: Slot, generation: int, failure: Failure) -> None:
-        with self.lock:
-            if slot.generation != generation or slot.failure is not None:
-                return
-            failure.seq = slot.expected
-            slot.failure = failure
-            path = self._step_path
-            if path is not None:
-                path.raise_alarm()  # a sleeping wait_all returns to look at it
-        log.debug("watchdog: worker %d %s: %s", slot.index, failure.reason, failure.detail)
+    def _check_open(self) -> None:
+        if self.closing:
+            raise ClosedEnvError("the FastVectorEnv was closed (by another thread) while this "
+                                 "call waited for its workers")
+
+    def alarm_raised(self) -> bool:
+        """Whether the step path's next wait will go straight to the failures."""
+        return self._step_path is not None and self._step_path.alarm_raised
+
+    def _alarm(self) -> None:
+        """The watchdog flagged a slot: a sleeping wait_all returns to look at it."""
+        path = self._step_path
+        if path is not None:
+            path.raise_alarm()
         self.done_sem.release()
-
-    def _watch(self) -> None:
-        opts = self.options
-        interval = max(0.01, min(0.25, opts.heartbeat_timeout / 4, (opts.step_timeout or 1.0) / 4))
-        while not self._stop.is_set():
-            try:
-                self._watch_once(interval)
-            except Exception:  # noqa: BLE001 - the watchdog must outlive its own bugs
-                log.exception("fastvec watchdog: unexpected error (continuing)")
-                self._stop.wait(interval)
-
-    def _watch_once(self, interval: float) -> None:
-        with self.lock:
-            watched = {s.process.sentinel: (s, s.generation)
-                       for s in self.slots if s.process is not None and s.failure is None}
-            retiring = {p.sentinel: p for p, _ in self.retiring}
-        try:
-            ready = multiprocessing.connection.wait([*watched, *retiring, self._wake_r], interval)
-        except (OSError, ValueError):
-            ready = []  # a sentinel closed under us by a replacement; look again
-        if self._stop.is_set():
-            return
-        for r in ready:
-            if r == self._wake_r:
-                os.read(self._wake_r, 4096)
-            elif r in watched:
-                slot, gen = watched[r]
-                with self.lock:  # the main thread may be replacing this very process
-                    if slot.generation != gen or slot.process is None:
-                        continue
-                    slot.process.join(0.05)  # reap it, so the exit status is known
-                    code = slot.process.exitcode
-                    self._flag(slot, gen, Failure("died", describe_exit(code), code))
-        self._reap_retiring()
-        self._check_liveness()
-
-    def _reap_retiring(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            keep = []
-            for proc, deadline in self.retiring:
-                proc.join(0)
-                if proc.exitcode is not None:
-                    proc.close()
-                elif now >= deadline:
-                    log.warning("recycled worker (pid %d) did not exit within recycle_grace="
-                                "%s s after closing its envs: SIGKILL", proc.pid,
-                                self.options.recycle_grace)
-                    self._kill(proc)
-                else:
-                    keep.append((proc, deadline))
-            self.retiring = keep
-
-    def _check_liveness(self) -> None:
-        opts = self.options
-        now = time.monotonic()
-        now_ns = _ring.now_ns()
-        for slot in self.slots:
-            gen = slot.generation
-            if slot.process is None or slot.failure is not None:
-                continue
-            hb = slot.ctl.heartbeat
-            if hb != slot.hb_value:
-                slot.hb_value, slot.hb_time = hb, now
-                busy = slot.ctl.busy_since_ns
-                op = slot.ctl.opcode
-                if (opts.step_timeout is not None and busy and slot.ctl.resp_seq != slot.expected
-                        and op in (_ring.OP_STEP, _ring.OP_RESET)
-                        and (now_ns - busy) / 1e9 > opts.step_timeout):
-                    self._flag(slot, gen, Failure(
-                        "hung", f"a {'step' if op == _ring.OP_STEP else 'reset'} "
-                        f"ran {(now_ns - busy) / 1e9:.1f} s > step_timeout={opts.step_timeout} s "
-                        "(heartbeat alive)"))
-                continue
-            limit = opts.start_timeout if hb <= 0 else opts.heartbeat_timeout
-            if now - slot.hb_time > limit:
-                what = ("never started its heartbeat" if hb <= 0 else
-                        f"heartbeat stopped for {now - slot.hb_time:.1f} s > "
-                        f"heartbeat_timeout={opts.heartbeat_timeout} s (stopped or frozen)")
-                self._flag(slot, gen, Failure("frozen", what))
 
     # -- health ------------------------------------------------------------------------
     def health(self) -> list[dict]:
@@ -623,10 +542,7 @@ class Supervisor:
     def shutdown(self, timeout: float | None, terminate: bool) -> None:
         """Ask, then terminate, then kill, then join: at most ``timeout`` (default 5 s) for
         the workers to close their envs, then about 1 s more per stage."""
-        self._stop.set()
-        self._poke()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2.0)
+        self.watchdog.stop()
         live = [s for s in self.slots if s.process is not None and s.process.exitcode is None
                 and not self.serial]
         if not terminate:
@@ -659,20 +575,14 @@ class Supervisor:
         for slot in self.slots:
             if slot.req_sem is not None:
                 slot.req_sem.close()
-                slot.req_post.close()
-                slot.req_sem = slot.req_post = None
+                slot.req_handle.close()
+                slot.req_sem = slot.req_handle = None
             slot.ctl.release()
             slot.payload.close()
         self.batch.release()
         self._step_path = None  # its pointers go with the semaphores
-        self.done_waiter.close()
+        self.done_handle.close()
         self.done_sem.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
 
 
 def get_error(slot: Slot):

@@ -75,8 +75,8 @@ class Worker:
         self.ctl = _ring.Ctl(self.main.mm, spec.worker_index * _ring.CTL_SIZE)
         self.ctl.check()
         self.batch = _ring.Batch(self.main.mm, spec.plan.batch_offset)
-        self.req_sem = _ring.Waiter(spec.req_sem_name)
-        self.done_sem = _ring.Waiter(spec.done_sem_name)
+        self.req_sem = _ring.SemHandle(spec.req_sem_name)
+        self.done_sem = _ring.SemHandle(spec.done_sem_name)
         self.views = spec.plan.views(self.main.mm)
         self.obs_leaves = spec.plan.obs_leaves
         self.act_leaves = spec.plan.act_leaves

@@ -228,3 +228,44 @@ class SlowStepEnv(CounterEnv):
     def step(self, action):
         time.sleep(self.seconds)
         return super().step(action)
+
+
+class SlowAtEnv(CounterEnv):
+    """CounterEnv whose ``at``-th step takes ``seconds`` (a legitimately slow step) and
+    every other step ``pace`` seconds."""
+
+    def __init__(self, at: int = 2, seconds: float = 1.0, pace: float = 0.0):
+        super().__init__()
+        self.at, self.seconds, self.pace, self.t = at, seconds, pace, 0
+
+    def step(self, action):
+        self.t += 1
+        time.sleep(self.seconds if self.t == self.at else self.pace)
+        return super().step(action)
+
+
+class HangingCallEnv(CounterEnv):
+    """Methods that never return when called through ``call()``/``set_attr``/``render``:
+    a busy loop (the worker's heartbeat thread keeps beating)."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, hang_render: bool = False, render_mode=None):
+        super().__init__()
+        self.hang_render, self.render_mode = hang_render, render_mode
+
+    def spin(self):
+        do_fault("busy")
+
+    def __setattr__(self, name, value):
+        if name == "stuck":
+            do_fault("sleep")
+        super().__setattr__(name, value)
+
+    def render(self):
+        if self.hang_render:
+            do_fault("busy")
+        return np.zeros((2, 2, 3), np.uint8)
+
+    def ping(self):
+        return os.getpid()

@@ -10,8 +10,9 @@ Random real faults hit random envs in every phase of a worker's life (tests/soak
            step_timeout but less than start_timeout (tolerated: no second restart)
     reset  a masked reset() while one env's reset SIGKILLs itself or hangs (flagged in the
            reset's infos) or raises ValueError (reaches the loop as a ValueError)
-    call   a call() while one env SIGKILLs itself (WorkerFailure; the next step reports the
-           env truncated) or raises its own exception type (reaches the loop as is)
+    call   a call() while one env SIGKILLs itself or never returns (an endless sleep or busy
+           loop: step_timeout ends it), each a WorkerFailure whose env the next step
+           reports truncated; or raises its own exception type (reaches the loop as is)
     close  at the end one env's close() hangs and another's segfaults
 
 and workers are recycled every few episodes all along. Checked: every transition of every
@@ -58,7 +59,7 @@ SLACK = 3.0  # the parent's own work and scheduling on a loaded 2-core machine
 STEP_KINDS = ("sigkill", "sigstop", "segfault", "exit", "sleep", "busy", "exception", "slow:0.4")
 INIT_KINDS = ("exception", "exit", "sigkill", "sigstop", "sleep", "slow:3.0")
 RESET_KINDS = ("sigkill", "sleep", "valueerror", "none")
-CALL_KINDS = ("sigkill", "own", "none")
+CALL_KINDS = ("sigkill", "sleep", "busy", "own", "none")
 PHASES = ("step", "step", "reset", "call", "recycle")
 TOLERATED = ("slow:0.4", "slow:3.0")  # legal, only slow: must not be touched
 REASON = {"sigkill": "died", "segfault": "died", "exit": "died", "sigstop": "frozen",
@@ -294,7 +295,7 @@ class Soak:
     def call_fault(self) -> str:
         kind = self.decks["call"].draw()
         i = int(self.rng.choice(np.flatnonzero(self.free())))
-        replaced = kind == "sigkill"
+        replaced = kind in ("sigkill", "sleep", "busy")
         init = self.with_init(i, replaced)
         self.count("call", kind)
         fault, bound = self.plan(i, kind, replaced, init, "call")
@@ -307,10 +308,11 @@ class Soak:
         self.clock.check("call", fault, self.exact(bound, True))
         if kind == "own":
             assert type(err.value) is InjectedError, repr(err.value)
-        elif kind == "sigkill":
+        elif replaced:
             assert type(err.value) is WorkerFailure, repr(err.value)
-            assert err.value.env_index == i and err.value.reason == "died", repr(err.value)
-            self.pending[i] = "sigkill"  # the next step reports the env truncated
+            assert err.value.env_index == i and err.value.reason == REASON[kind], \
+                repr(err.value)
+            self.pending[i] = kind  # the next step reports the env truncated
         self.check_restarts(fault)
         return fault
 
