@@ -9,21 +9,12 @@ the ring slots (``FastVectorEnv._align_rings``). NEXT_STEP and ``envs_per_worker
 from __future__ import annotations
 
 import numpy as np
-from gymnasium.vector import VectorEnv
 
 from fastvec import _ring
+from fastvec.contract import BatchInfos, State
 from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
 from fastvec.recovery import ReplacementPlan, When
 from fastvec.shm import get_pickle
-
-
-class _BatchInfos:
-    """gymnasium's info batching (``VectorEnv._add_info``) sized to a partial batch."""
-
-    _add_info = VectorEnv._add_info
-
-    def __init__(self, n: int):
-        self.num_envs = n
 
 
 class FirstReadyBatches:
@@ -40,7 +31,7 @@ class FirstReadyBatches:
         self._assert_open()
         if self.batch_size is None:
             raise FastVecError("send()/recv() need FastVectorEnv(..., batch_size=k)")
-        if self._state.value != "default":
+        if self._state is not State.DEFAULT:
             raise AlreadyPendingCallError(f"send() called while a {self._state.value}_async() "
                                           f"is pending", self._state.value)
         ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids).reshape(-1)
@@ -68,6 +59,9 @@ class FirstReadyBatches:
         infos, env_ids)``, batched over ``env_ids`` (ascending). Envs reset themselves as in
         NEXT_STEP mode. A failed worker's env comes back truncated and flagged, as in
         :meth:`step`; a disabled one truncated with ``infos["env_disabled"]``."""
+        return self._guarded(self._recv, timeout)
+
+    def _recv(self, timeout: float | None):
         self._assert_open()
         flying = [self._env_to_slot[i] for i in np.flatnonzero(self._inflight)]
         if not flying:
@@ -105,7 +99,7 @@ class FirstReadyBatches:
         rings = (self._env_ring[ids] + 1) % self.options.ring_depth
         v = self._views
         infos: dict = {}
-        batch = _BatchInfos(len(ids))
+        batch = BatchInfos(len(ids))
         for j, slot in enumerate(done_slots):
             i = int(ids[j])
             if slot in reported:
@@ -113,8 +107,8 @@ class FirstReadyBatches:
                 v.reward[rings[j], i], v.terminated[rings[j], i] = 0.0, False
                 v.truncated[rings[j], i] = True
                 failure = reported[slot]
-                batch._add_info(infos, self._disabled_info(slot.disabled) if slot.disabled
-                                else self._restart_info(failure), j)
+                batch.add(infos, self._disabled_info(slot.disabled) if slot.disabled
+                          else self._restart_info(failure), j)
             else:
                 info = pobs = None
                 if slot.ctl.resp_payload_len:
@@ -125,7 +119,7 @@ class FirstReadyBatches:
                 if typed:
                     info = {**typed, **info} if info else typed
                 if info:
-                    batch._add_info(infos, info, j)
+                    batch.add(infos, info, j)
                 if pobs is not None:
                     self._obs.pickled[rings[j]][i] = pobs
         obs = self._obs.gather(rings.tolist(), ids.tolist())

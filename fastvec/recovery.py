@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fastvec import _ring
+from fastvec.contract import derive_seed
 from fastvec.errors import RemoteTraceback, RestartBudgetExceeded
 from fastvec.shm import put_pickle
 from fastvec.supervisor import Failure, Slot
@@ -43,7 +42,7 @@ log = logging.getLogger("fastvec")
 class When(enum.Enum):
     """When a replacement worker resets its envs."""
 
-    NEVER = "never"  # the caller's own request follows (a reset() about to be sent)
+    BY_CALLER = "by caller"  # the caller resets them itself: its reset() is about to be sent
     NEXT = "next"  # at their next reset, with derived seeds (NEXT_STEP: the next step)
     NOW = "now"  # right after start, into ring slot ``ring``, before replace() returns
 
@@ -78,11 +77,7 @@ class Recovery:
         out = []
         for i in slot.env_indices:
             base = self.env._base_seeds[i]
-            if base is None:
-                out.append(None)
-            else:
-                ss = np.random.SeedSequence([base, i, slot.generation])
-                out.append(int(ss.generate_state(1, np.uint32)[0]))
+            out.append(None if base is None else derive_seed(base, i, slot.generation))
         return out
 
     # -- the budget ------------------------------------------------------------------------
@@ -195,7 +190,7 @@ class Recovery:
                 continue
             yield slot, failure, plan
 
-    def reenable(self, slots: list[Slot], when: When = When.NEVER) -> None:
+    def reenable(self, slots: list[Slot], when: When = When.BY_CALLER) -> None:
         """A reset() tries disabled slots again, with a fresh budget window."""
         items = []
         for slot in slots:

@@ -12,9 +12,10 @@ or the step raises :class:`fastvec.WorkerFailure` (``on_failure="raise"``).
 
 from __future__ import annotations
 
-import enum
 import logging
 import multiprocessing
+import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -26,9 +27,12 @@ from gymnasium.vector.utils import CloudpickleWrapper, batch_differing_spaces, b
 
 from fastvec import _parent, _ring
 from fastvec.batches import FirstReadyBatches
-from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, EnvSpacesError,
-                            FastVecError, InvalidActionError, NoAsyncCallError, RemoteTraceback,
-                            SpaceMismatchError, WorkerFailure)
+from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
+                              attr_values, disabled_info, probe_env, reset_arguments,
+                              restart_info)
+from fastvec.errors import (AlreadyPendingCallError, EnvSpacesError, FastVecError,
+                            InvalidActionError, RemoteTraceback, SpaceMismatchError,
+                            WorkerFailure)
 from fastvec.infos import InfoColumns
 from fastvec.layout import Plan, check_actions, flatten, split_pickled
 from fastvec.observations import ObservationRing
@@ -43,13 +47,6 @@ log = logging.getLogger("fastvec")
 # health()'s step-latency percentiles sample one step in this many on the common path
 # (reading every worker's latency each step costs more than the rest of step_wait).
 _LATENCY_SAMPLE = 4
-
-
-class State(enum.Enum):
-    DEFAULT = "default"
-    WAITING_RESET = "reset"
-    WAITING_STEP = "step"
-    WAITING_CALL = "call"
 
 
 @dataclass
@@ -68,34 +65,6 @@ class PendingStep:
     lost: list = field(default_factory=list)  # slots replaced earlier, reported in this step
     batched: bool = False  # sent to every slot by Supervisor.send_all (the common case)
     reset: list = field(default_factory=list)  # lost slots sent a RESET: a new episode now
-
-
-def reset_arguments(seed, options: dict | None, n: int) -> tuple:
-    """``reset(seed=..., options=...)`` as gymnasium's vector envs read it: one seed per env
-    (an int seeds env i with ``seed + i``), the options without ``reset_mask`` (a copy; the
-    caller's dict is left alone), and the validated mask (None: every env)."""
-    if seed is None:
-        seeds = [None] * n
-    elif isinstance(seed, (int, np.integer)):
-        seeds = [int(seed) + i for i in range(n)]
-    else:
-        seeds = list(seed)
-        if len(seeds) != n:
-            raise ValueError(f"If seeds are passed as a list the length must match "
-                             f"num_envs={n} but got length={len(seeds)}.")
-    options = dict(options) if options else None
-    mask = options.pop("reset_mask", None) if options is not None else None
-    if mask is not None:
-        if not isinstance(mask, np.ndarray):
-            raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-        if mask.shape != (n,):
-            raise ValueError(f"`options['reset_mask']` must have shape `({n},)`, got {mask.shape}")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
-        if not mask.any():
-            raise ValueError("`options['reset_mask']` must contain a boolean array with at "
-                             f"least one True value, got reset_mask={mask}")
-    return seeds, options, mask
 
 
 class _Resources:
@@ -118,7 +87,7 @@ class _Resources:
             self.names.unlink_all()
 
 
-class FastVectorEnv(FirstReadyBatches, VectorEnv):
+class FastVectorEnv(FirstReadyBatches, VectorContract, VectorEnv):
     """Vectorized env whose workers exchange data through POSIX shared-memory rings.
 
     Args:
@@ -139,8 +108,11 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
             truncated every step with ``infos["env_disabled"]``, until a reset tries again).
         heartbeat_interval / heartbeat_timeout: seconds between a worker's heartbeats and
             how long a stopped heartbeat is tolerated before the worker counts as frozen.
-        step_timeout: seconds a step or reset may run before the worker counts as hung
-            (None: no limit; a slow step under the limit is never touched).
+        step_timeout: how long a request (step, reset, call, get_attr, set_attr, render)
+            may run before its worker counts as hung and is replaced. ``"auto"``
+            (default): 20x the slowest request that worker completed, at least 60 s; a
+            number: that many seconds; None: no limit (a deadlock in env code then hangs
+            the call). A slow request under the bound is never touched.
         start_timeout: seconds a worker may take to start and build its envs (a
             replacement's build counts against this, never against ``step_timeout``).
         max_restarts / restart_window: at most this many restarts of one slot within the
@@ -170,8 +142,11 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         daemon: start workers as daemon processes.
     """
 
+    _kind = "FastVectorEnv"
     _resources: _Resources | None = None
     _sup: Supervisor | None = None
+    _waiting = 0  # calls of any thread waiting for workers (close() from another wakes them)
+    _waiter = 0  # the thread that entered the latest of them
 
     def __init__(
         self,
@@ -185,7 +160,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         on_budget_exhausted: str = "raise",
         heartbeat_interval: float = 0.05,
         heartbeat_timeout: float = 5.0,
-        step_timeout: float | None = None,
+        step_timeout: float | str | None = "auto",
         start_timeout: float = 60.0,
         max_restarts: int = 5,
         restart_window: float = 60.0,
@@ -230,15 +205,10 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self.autoreset_mode = opts.autoreset_mode
         self.batch_size = opts.batch_size
 
-        dummy = env_fns[0]()
-        try:
-            self.metadata = dict(dummy.metadata)
-            self.metadata["autoreset_mode"] = self.autoreset_mode
-            self.render_mode = dummy.render_mode
-            self.single_observation_space = dummy.observation_space
-            self.single_action_space = dummy.action_space
-        finally:
-            dummy.close()
+        probe = probe_env(env_fns[0], self.autoreset_mode)
+        self.metadata, self.render_mode = probe.metadata, probe.render_mode
+        self.single_observation_space = probe.observation_space
+        self.single_action_space = probe.action_space
         # observation_mode, as gymnasium defines it: "same" (n copies of env 0's space),
         # "different" (same shape and dtype, other bounds), or (batch space, single space).
         self.observation_mode = observation_mode
@@ -267,8 +237,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._finalizer = weakref.finalize(self, res.cleanup)
         try:
             prefix = res.names.prefix
-            res.names.track_segment(prefix + "main")
-            res.main = Segment(prefix + "main", self._plan.size, create=True)
+            res.main = res.names.new_segment("main", self._plan.size)
             self._views = self._plan.views(res.main.mm)
             self._infos = InfoColumns(self._views, self.num_envs, opts.info_spec)
             res.supervisor = self._sup = Supervisor(
@@ -318,14 +287,6 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._steps = 0
 
     # -- properties of the contract ------------------------------------------------------
-    @property
-    def np_random_seed(self) -> tuple[int, ...]:
-        return self.get_attr("np_random_seed")
-
-    @property
-    def np_random(self) -> tuple[np.random.Generator, ...]:
-        return self.get_attr("np_random")
-
     def health(self) -> list[dict]:
         """Per worker: pid, whether it is disabled, restarts and their reasons, last
         failure, requests, episodes, resident memory and step-latency percentiles (ms)."""
@@ -333,11 +294,6 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         return self._sup.health()
 
     # -- reset -------------------------------------------------------------------------------
-    def reset(self, *, seed: int | Sequence[int | None] | None = None,
-              options: dict[str, Any] | None = None):
-        self.reset_async(seed=seed, options=options)
-        return self.reset_wait()
-
     def reset_async(self, seed: int | Sequence[int | None] | None = None,
                     options: dict[str, Any] | None = None) -> None:
         self._assert_idle("reset_async")
@@ -357,7 +313,7 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         if self.options.recycling:
             due = [s for s in touched if s.serving and self._recovery.recycle_reason(s)]
             if due:
-                self._recovery.recycle(due, ReplacementPlan(when=When.NEVER))
+                self._recovery.recycle(due, ReplacementPlan(when=When.BY_CALLER))
 
         r = (self._ring + 1) % self.options.ring_depth
         requests = []
@@ -375,6 +331,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._state = State.WAITING_RESET
 
     def reset_wait(self, timeout: float | None = None):
+        return self._guarded(self._reset_wait, timeout)
+
+    def _reset_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_RESET, "reset_wait", "reset_async")
         p: PendingReset = self._pending
         failed = self._sup.wait(p.slots, timeout)
@@ -437,17 +396,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         return self._obs.batch(r), infos
 
     # -- step ----------------------------------------------------------------------------------
-    def step(self, actions):
-        self.step_async(actions)
-        return self.step_wait()
-
     def step_async(self, actions) -> None:
         self._assert_idle("step_async")
-        if self.autoreset_mode == AutoresetMode.DISABLED and self._needs_reset.any():
-            raise FastVecError(
-                f"envs {np.flatnonzero(self._needs_reset).tolist()} ended their episode and "
-                "autoreset_mode is DISABLED: reset them first with "
-                "reset(options={'reset_mask': mask})")
+        assert_resets_done(self.autoreset_mode, self._needs_reset)
         r = (self._ring + 1) % self.options.ring_depth
         sup = self._sup
         if (self._act_writer is not None and sup.batchable() and self._aligned()
@@ -484,6 +435,9 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._state = State.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None):
+        return self._guarded(self._step_wait, timeout)
+
+    def _step_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_STEP, "step_wait", "step_async")
         p: PendingStep = self._pending
         r, v = p.ring, self._views
@@ -641,34 +595,28 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
 
     def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
         self._assert_idle("call_async")
-        if name in ("reset", "step", "close"):
-            raise ValueError(f"Trying to call function `{name}` with `call`, "
-                             f"use `{name}` directly instead.")
+        assert_callable(name)
         self._send_to_all(_ring.OP_CALL, lambda slot: (name, args, kwargs))
         self._state = State.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
+        return self._guarded(self._call_wait, timeout)
+
+    def _call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         self._assert_waiting(State.WAITING_CALL, "call_wait", "call_async")
         return self._gather_calls(self._sup.wait(self._pending, timeout))
-
-    def render(self):
-        return self.call("render")
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         return self.call(name)
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
         self._assert_idle("set_attr")
-        if not isinstance(values, (list, tuple)):
-            values = [values] * self.num_envs
-        if len(values) != self.num_envs:
-            raise ValueError("Values must be a list or tuple with length equal to the number of "
-                             f"environments. Got `{len(values)}` values for {self.num_envs} "
-                             "environments.")
+        values = attr_values(values, self.num_envs)
         self._send_to_all(_ring.OP_SET_ATTR,
                           lambda slot: (name, [values[i] for i in slot.env_indices]))
         self._state = State.WAITING_CALL
-        self._gather_calls(self._sup.wait(self._pending, None), results=False)
+        self._guarded(lambda: self._gather_calls(self._sup.wait(self._pending, None),
+                                                 results=False))
 
     def _send_to_all(self, op: int, payload_of) -> None:
         slots = [s for s in self._sup.slots if s.disabled is None]
@@ -710,12 +658,15 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         kill whatever is left."""
         if self._resources is None:
             return
-        if self._state != State.DEFAULT and not terminate:
-            try:
-                getattr(self, f"{self._state.value}_wait")(5.0 if timeout is None else timeout)
-            except Exception:  # noqa: BLE001 - closing anyway, in stages
-                terminate = True
-        self._state = State.DEFAULT
+        if self._waiting and self._waiter != threading.get_ident():
+            # Another thread waits in a call: wake it (it raises ClosedEnvError) and let it
+            # leave before the memory it reads goes.
+            self._sup.interrupt()
+            deadline = time.monotonic() + 5.0
+            while self._waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+            terminate = True
+        terminate = self._settle_pending(5.0 if timeout is None else timeout, terminate)
         if getattr(self, "_obs", None) is not None:
             self._obs.release()
         self._views = self._infos = self._act_writer = self._obs = None
@@ -723,42 +674,22 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
         self._resources.cleanup(timeout, terminate)
         self._resources = None
 
-    def _close_broken(self) -> None:
-        """The env cannot go on (restart budget spent): close it, later calls raise."""
-        self._state = State.DEFAULT
-        self.close(terminate=True)
-
-    def __enter__(self) -> "FastVectorEnv":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close(terminate=exc_info[0] is not None)
-
-    def __del__(self):
-        # VectorEnv.__del__ would call close(); the finalizer is the backstop instead.
-        pass
-
     # -- internals -------------------------------------------------------------------------------
-    def _assert_open(self) -> None:
-        if self.closed or self._resources is None:
-            raise ClosedEnvError("the FastVectorEnv is closed; create a new one")
+    def _guarded(self, wait, *args):
+        """Run a call that waits for workers, counted, so that close() from another
+        thread wakes it (ClosedEnvError) and lets it leave before releasing memory."""
+        self._waiting += 1
+        self._waiter = threading.get_ident()
+        try:
+            return wait(*args)
+        finally:
+            self._waiting -= 1
 
-    def _assert_idle(self, call: str) -> None:
-        self._assert_open()
-        if self._state != State.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"{call}() called while a {self._state.value}_async() is pending; call "
-                f"{self._state.value}_wait() first", self._state.value)
-        if self.batch_size is not None and self._inflight.any():
-            raise AlreadyPendingCallError(
-                f"{call}() called while envs {np.flatnonzero(self._inflight).tolist()} are "
-                "stepping after send(); recv() them first", "recv")
+    def _is_open(self) -> bool:  # the misuse checks are fastvec/contract.py's
+        return not self.closed and self._resources is not None
 
-    def _assert_waiting(self, state: State, call: str, needed: str) -> None:
-        self._assert_open()
-        if self._state != state:
-            raise NoAsyncCallError(f"{call}() called without a pending {needed}(); call "
-                                   f"{needed}() first", state.value)
+    def _sending(self) -> bool:
+        return self.batch_size is not None and bool(self._inflight.any())
 
     def _flat_actions(self, actions, n: int) -> list:
         try:
@@ -929,13 +860,11 @@ class FastVectorEnv(FirstReadyBatches, VectorEnv):
 
     @staticmethod
     def _restart_info(failure: Failure) -> dict:
-        return {"worker_restarted": True,
-                "worker_restart_reason": f"{failure.reason}: {failure.detail}"}
+        return restart_info(f"{failure.reason}: {failure.detail}")
 
     @staticmethod
     def _disabled_info(failure: Failure) -> dict:
-        return {"env_disabled": True,
-                "env_disabled_reason": f"{failure.reason}: {failure.detail}"}
+        return disabled_info(f"{failure.reason}: {failure.detail}")
 
     def _raise_if_policy(self, restarted: list) -> None:
         if restarted and self.options.on_failure == "raise":
