@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from gymnasium.utils.env_checker import data_equivalence
 
 import fastvec
 from fastvec import FastVectorEnv
+from conftest import wait_until
 from faults import CounterEnv
 
 
@@ -90,7 +90,10 @@ def test_failed_worker_comes_back_flagged():
         env.send(np.ones(3, np.int64))
         o, *_ = env.recv()
         os.kill(env.health()[1]["pid"], signal.SIGKILL)
-        time.sleep(0.2)
+        # killed between calls: the watchdog has seen the death before the next send
+        slot = env._sup.slots[1]
+        assert wait_until(lambda: slot.failure is not None, 10.0), "the death was not seen"
+        assert slot.failure.reason == "died"
         env.send(np.ones(3, np.int64))
         o2, r, term, trunc, info, ids = env.recv()
         assert ids.tolist() == [0, 1, 2]
