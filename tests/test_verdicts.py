@@ -18,6 +18,7 @@ import fastvec.options
 from conftest import wait_until
 from fastvec import FastVectorEnv, InvalidActionError, WorkerFailure
 from faults import CounterEnv, HangingCallEnv, OneStepEnv, SlowAtEnv
+from test_shm import assert_ok, run_python
 
 
 class Held:
@@ -220,9 +221,8 @@ def test_masked_reset_keeps_the_alarm_of_a_worker_it_did_not_wait_for():
 
 
 _CLOSE_UNDER_A_WAIT = """
-import functools, sys, threading, time
+import functools, threading, time
 import numpy as np
-sys.path.insert(0, {tests!r})
 from conftest import wait_until
 from faults import HangingCallEnv, SlowAtEnv
 from fastvec import FastVectorEnv
@@ -249,6 +249,7 @@ t.join(10.0)
 assert not t.is_alive(), "the waiting thread never returned"
 print("closed in", round(time.monotonic() - began, 2), "s;", [type(e).__name__ for e in out])
 assert len(out) == 1 and isinstance(out[0], ClosedEnvError), out
+print("OK")
 """
 
 
@@ -262,10 +263,5 @@ def test_close_from_another_thread_while_a_call_sleeps(env_fn, warm, call):
     sleeping on without the GIL, and the process crashed (SIGSEGV). Now the sleeping call
     wakes with ClosedEnvError and close() returns within its bound. In a child process,
     so that a regression fails this test instead of killing the suite."""
-    import subprocess
-    import sys
-    script = _CLOSE_UNDER_A_WAIT.format(tests=os.path.dirname(os.path.abspath(__file__)),
-                                        env=env_fn, warm=warm, call=call)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    script = _CLOSE_UNDER_A_WAIT.format(env=env_fn, warm=warm, call=call)
+    assert_ok(run_python(script, timeout=120))  # tests/ importable, not the source tree
