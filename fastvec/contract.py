@@ -17,13 +17,15 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecError,
                             NoAsyncCallError)
 
-__all__ = ["State", "VectorContract", "EnvProbe", "probe_env", "reset_arguments",
+__all__ = ["State", "VectorContract", "EnvProbe", "probe_env", "check_observation_mode",
+           "observation_spaces", "reset_arguments",
            "assert_callable", "attr_values", "assert_resets_done", "restart_info",
-           "disabled_info", "derive_seed", "BatchInfos"]
+           "disabled_info", "derive_seed", "InfoBatcher"]
 
 
 class State(enum.Enum):
@@ -147,6 +149,38 @@ def probe_env(env_fn: Callable[[], gym.Env], autoreset_mode: AutoresetMode) -> E
         env.close()
 
 
+def check_observation_mode(observation_mode) -> None:
+    """``observation_mode`` as gymnasium reads it: ``"same"``, ``"different"`` or a
+    ``(batch space, single space)`` pair."""
+    custom = isinstance(observation_mode, tuple) and len(observation_mode) == 2
+    if not custom and observation_mode not in ("same", "different"):
+        raise ValueError("Invalid `observation_mode`, expected: 'same' or 'different' or tuple "
+                         "of single and batch observation space, actual got "
+                         f"{observation_mode}")
+    if custom and not all(isinstance(sp, gym.Space) for sp in observation_mode):
+        raise TypeError("Expected both elements of observation_mode to be Spaces, got "
+                        f"{type(observation_mode[0])} and {type(observation_mode[1])}")
+
+
+def observation_spaces(observation_mode, single: gym.Space,
+                       env_fns: list[Callable[[], gym.Env]]) -> tuple[gym.Space, gym.Space]:
+    """(batch space, single space): ``"same"``, n copies of env 0's space ``single``;
+    ``"different"``, every env's (same shape and dtype, other bounds), built and closed
+    here; a pair: as given."""
+    if isinstance(observation_mode, tuple):
+        return observation_mode
+    if observation_mode == "different":
+        env_spaces = [single]
+        for fn in env_fns[1:]:
+            env = fn()
+            try:
+                env_spaces.append(env.observation_space)
+            finally:
+                env.close()
+        return batch_differing_spaces(env_spaces), single
+    return batch_space(single, len(env_fns)), single
+
+
 def reset_arguments(seed, options: dict | None, n: int) -> tuple:
     """``reset(seed=..., options=...)`` as gymnasium's vector envs read it: one seed per env
     (an int seeds env i with ``seed + i``), the options without ``reset_mask`` (a copy; the
@@ -221,7 +255,7 @@ def derive_seed(base: int, env_index: int, generation: int) -> int:
     return int(seq.generate_state(1, np.uint32)[0])
 
 
-class BatchInfos:
+class InfoBatcher:
     """gymnasium's info batching (``VectorEnv._add_info``) sized to a batch of ``n`` envs,
     e.g. the part of the envs a ``recv()`` returns."""
 

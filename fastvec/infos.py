@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from fastvec.contract import InfoBatcher
 from fastvec.errors import FastVecError
+from fastvec.shm import get_pickle
 
 COLUMNS = 16  # column capacity; keys beyond it stay pickled
 BLOB_BYTES = 4096  # the pickled schema: [(key, type, shape), ...] after an 8-byte length
@@ -262,3 +264,74 @@ def array_view(arena: np.ndarray, offset: int, t: type, shape: tuple) -> np.ndar
     out = arena[:, :, offset:offset + nbytes].view(dtype)
     out.shape = (depth, n, *shape)  # raises rather than copy: writes must reach the arena
     return out
+
+
+class ReplyInfos(InfoBatcher):
+    """Reads the infos of reset/step replies: the typed columns, then what came pickled in
+    each worker's side buffer (the rest of the infos, and the values of observation leaves
+    without a fixed size, which go to ``pickled_obs[ring][env]``); batched over every env
+    as gymnasium batches them."""
+
+    def __init__(self, columns: InfoColumns, pickled_obs: list, num_envs: int):
+        super().__init__(num_envs)
+        self.columns = columns
+        self.pickled_obs = pickled_obs
+
+    def collect(self, slot, infos: dict, r: int) -> None:
+        """Add the infos of ``slot``'s reply in ring slot ``r`` to ``infos``, env by env."""
+        n = slot.ctl.resp_payload_len
+        got, pobs = get_pickle(slot.payload, n) if n else (None, None)
+        cols = self.columns
+        for j, i in enumerate(slot.env_indices):
+            info = got[j] if got else None
+            if info:
+                cols.learn(info)
+            if cols.n:  # typed values in shared memory, env by env
+                typed = cols.env_info(r, i)
+                if typed:
+                    info = {**typed, **info} if info else typed
+            if info:
+                self._add_info(infos, info, i)
+            if pobs is not None and pobs[j] is not None:
+                self.pickled_obs[r][i] = pobs[j]
+
+    def keep_final(self, slot, infos: dict) -> None:
+        """SAME_STEP recycling: keep the old worker's final_obs / final_info only."""
+        n = slot.ctl.resp_payload_len
+        if not n:
+            return
+        got, _ = get_pickle(slot.payload, n)
+        for i, info in zip(slot.env_indices, got):
+            if info:
+                self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
+                                       if key in info}, i)
+
+    def step(self, slots: list, r: int) -> dict:
+        """Every env's infos of ring slot ``r``: the typed columns in a few array
+        operations, then what came pickled. If a key came both ways (a value whose type
+        differs from its column's), env by env instead, so the arrays' dtypes are the ones
+        gymnasium's ``_add_info`` picks."""
+        cols = self.columns
+        pickled: dict[int, dict] = {}
+        for slot in slots:
+            n = slot.ctl.resp_payload_len
+            if not n:
+                continue
+            got, pobs = get_pickle(slot.payload, n)
+            for j, i in enumerate(slot.env_indices):
+                if got[j]:
+                    pickled[i] = got[j]
+                    cols.learn(got[j])
+                if pobs[j] is not None:
+                    self.pickled_obs[r][i] = pobs[j]
+        infos: dict = {}
+        if cols.n and pickled and cols.collides(list(pickled.values())):
+            for i in range(self.num_envs):
+                info = {**cols.env_info(r, i), **pickled.get(i, {})}
+                if info:
+                    self._add_info(infos, info, i)
+            return infos
+        cols.batch(r, infos)
+        for i in sorted(pickled):
+            self._add_info(infos, pickled[i], i)
+        return infos

@@ -15,7 +15,7 @@ error chained, the vector env closes) or "disable" (the slot's envs stay in the 
 out of play, until a later reset tries them again).
 
 What a step, reset or call then returns for the replaced envs (truncated, reward 0, the
-last observation, ``worker_restarted``) is decided in fastvec/vector_env.py from the
+last observation, ``worker_restarted``) is decided in fastvec/outcomes.py from the
 records here.
 """
 
@@ -25,16 +25,17 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
+
+import numpy as np
 
 from fastvec import _ring
 from fastvec.contract import derive_seed
 from fastvec.errors import RemoteTraceback, RestartBudgetExceeded
+from fastvec.failure_reports import failure_error, log_failure
+from fastvec.options import Options
 from fastvec.shm import put_pickle
-from fastvec.supervisor import Failure, Slot
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fastvec.vector_env import FastVectorEnv
+from fastvec.supervisor import Failure, Slot, Supervisor
 
 log = logging.getLogger("fastvec")
 
@@ -65,10 +66,26 @@ class UserError:
 
 
 class Recovery:
-    def __init__(self, env: "FastVectorEnv"):
-        self.env = env
-        self.sup = env._sup
-        self.opts = env.options
+    """Replaces the supervisor's workers; owns each env's original seed and restart count.
+
+    ``recent_actions(slot)``: {env index: its last actions} for the failure log;
+    ``close_broken()``: closes the vector env when a budget is spent (policy "raise").
+    """
+
+    def __init__(self, sup: Supervisor, opts: Options, num_envs: int, *,
+                 recent_actions: Callable[[Slot], dict], close_broken: Callable[[], None]):
+        self.sup = sup
+        self.opts = opts
+        self._recent_actions = recent_actions
+        self._close_broken = close_broken
+        self._base_seeds: list[int | None] = [None] * num_envs
+        self._restarts = np.zeros(num_envs, np.int64)
+
+    def remember_seeds(self, seeds: list, mask: np.ndarray) -> None:
+        """A reset's seeds: the masked envs' given seeds become their original seeds."""
+        for i in np.flatnonzero(mask):
+            if seeds[i] is not None:
+                self._base_seeds[i] = int(seeds[i])
 
     # -- seeds ---------------------------------------------------------------------------
     def derived_seeds(self, slot: Slot) -> list[int | None]:
@@ -76,7 +93,7 @@ class Recovery:
         seed and the number of replacements (restarts and recycles) of the slot."""
         out = []
         for i in slot.env_indices:
-            base = self.env._base_seeds[i]
+            base = self._base_seeds[i]
             out.append(None if base is None else derive_seed(base, i, slot.generation))
         return out
 
@@ -90,8 +107,9 @@ class Recovery:
         slot.restarts += 1
         slot.reasons[failure.reason] += 1
         slot.last_failure = failure
-        self.env._restarts[list(slot.env_indices)] += 1
-        self.env._log_failure(slot, failure)
+        self._restarts[list(slot.env_indices)] += 1
+        log_failure(slot, failure, [self._base_seeds[i] for i in slot.env_indices],
+                    int(self._restarts[slot.env_indices[0]]), self._recent_actions(slot))
         return len(slot.restart_times) <= self.opts.max_restarts
 
     def _exhausted(self, slot: Slot, failure: Failure) -> None:
@@ -117,7 +135,7 @@ class Recovery:
             err.__cause__ = failure.cause
         elif failure.remote is not None:
             err.__cause__ = RemoteTraceback(failure.remote[1])
-        self.env._close_broken()
+        self._close_broken()
         raise err
 
     # -- replacing ---------------------------------------------------------------------------
@@ -177,18 +195,29 @@ class Recovery:
             options = [plan.options.get(j) for j in range(len(slot.env_indices))]
             n = put_pickle(slot.payload, (seeds, options), self.opts.max_payload_bytes)
             requests.append((slot, _ring.OP_RESET, plan.ring, n, None))
-        self.sup.send(requests)
-        failed = set(self.sup.wait([slot for slot, _ in items], None))
+        self.sup.dispatch.send(requests)
+        failed = set(self.sup.dispatch.wait([slot for slot, _ in items], None))
         for slot, plan in items:
             if slot not in failed:
                 continue
-            failure = self.sup.failure_of(slot)
+            failure = self.sup.dispatch.failure_of(slot)
             if failure.reason == "mismatch":
-                raise self.env._failure_error(slot, failure, "in reset")
+                raise failure_error(slot, failure, "in reset")
             if failure.reason == "exception" and plan.user_reset:
                 user_errors.append(UserError(slot, failure))  # the worker lives on
                 continue
             yield slot, failure, plan
+
+    def before_reset(self, slots: list[Slot]) -> None:
+        """A reset of these slots' envs follows: try disabled slots again and recycle the
+        workers due (their successors take the reset)."""
+        disabled = [s for s in slots if s.disabled is not None]
+        if disabled:
+            self.reenable(disabled)
+        if self.opts.recycling:
+            due = [s for s in slots if s.serving and self.recycle_reason(s)]
+            if due:
+                self.recycle(due, ReplacementPlan(when=When.BY_CALLER))
 
     def reenable(self, slots: list[Slot], when: When = When.BY_CALLER) -> None:
         """A reset() tries disabled slots again, with a fresh budget window."""

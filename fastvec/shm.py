@@ -223,21 +223,19 @@ def _close_mmap(mm: mmap.mmap | None) -> None:
 
 def unlink_segment(name: str | None) -> bool:
     """Unlink a segment; False if it was already gone (or not ours to remove)."""
-    if not name:
-        return False
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
-        return False
-    return True
+    return _unlink(posix_ipc.unlink_shared_memory, name)
 
 
 def unlink_semaphore(name: str | None) -> bool:
     """Unlink a semaphore; False if it was already gone (or not ours to remove)."""
+    return _unlink(posix_ipc.unlink_semaphore, name)
+
+
+def _unlink(unlink, name: str | None) -> bool:
     if not name:
         return False
     try:
-        posix_ipc.unlink_semaphore(name)
+        unlink(name)
     except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
         return False
     return True

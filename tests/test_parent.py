@@ -151,17 +151,17 @@ def test_pinning_after_construction_switches_spinning_off_on_both_sides():
     with closing(FastVectorEnv([test_envs.AttrEnv])) as env:
         env.reset(seed=0)
         slot = env._sup.slots[0]
-        assert env._sup.spin_ns > 0
+        assert env._sup.dispatch.spin_ns > 0
         one = {min(cpus)}
         try:
             os.sched_setaffinity(0, one)
             os.sched_setaffinity(slot.process.pid, one)
             for _ in range(300):
                 env.step(a)
-            assert env._sup.spin_ns == 0 and slot.ctl.flags & _ring.REQ_NO_SPIN
+            assert env._sup.dispatch.spin_ns == 0 and slot.ctl.flags & _ring.REQ_NO_SPIN
         finally:
             os.sched_setaffinity(0, cpus)
         os.sched_setaffinity(slot.process.pid, cpus)
         for _ in range(300):
             env.step(a)
-        assert env._sup.spin_ns > 0 and not slot.ctl.flags & _ring.REQ_NO_SPIN
+        assert env._sup.dispatch.spin_ns > 0 and not slot.ctl.flags & _ring.REQ_NO_SPIN

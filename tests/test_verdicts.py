@@ -213,7 +213,7 @@ def test_masked_reset_keeps_the_alarm_of_a_worker_it_did_not_wait_for():
         os.kill(env.health()[1]["pid"], signal.SIGKILL)
         assert wait_until(lambda: slot.failure is not None, 10.0)
         env.reset(seed=1, options={"reset_mask": np.array([True, False])})
-        assert env._sup.alarm_raised(), "the alarm for worker 1 was cleared unseen"
+        assert env._sup.dispatch.alarm_raised(), "the alarm for worker 1 was cleared unseen"
         obs, rew, term, trunc, info = env.step(np.ones(2, np.int64))
         assert info["_worker_restarted"].tolist() == [False, True]
     finally:

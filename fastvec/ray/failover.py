@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fastvec.contract import BatchInfos, derive_seed, restart_info
+from fastvec.contract import InfoBatcher, derive_seed, restart_info
 from fastvec.errors import RestartBudgetExceeded, WorkerFailure
 from fastvec.ray.actors import Actors, Slot
 from fastvec.ray.calls import Call, Calls, Outcome
@@ -142,7 +142,7 @@ class Failover:
         ``final_obs``; else it is the slot's next step result. Returns ``(obs, rewards,
         terminations, truncations, infos, restarted)``."""
         size = sum(s.hi - s.lo for s in slots)
-        batch = BatchInfos(size)
+        batch = InfoBatcher(size)
         infos: dict = {}
         rew = np.zeros(size, np.float64)
         term = np.zeros(size, np.bool_)
