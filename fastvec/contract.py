@@ -50,6 +50,17 @@ class VectorContract:
     _kind = "vector env"
     _state = State.DEFAULT
 
+    def _take_spaces(self, env_fns: list, observation_mode="same") -> None:
+        """Build env 0 once (:func:`probe_env`) and take its metadata, render mode and
+        spaces, single and batched over ``env_fns`` as ``observation_mode`` says."""
+        probe = probe_env(env_fns[0], self.autoreset_mode)
+        self.metadata, self.render_mode = probe.metadata, probe.render_mode
+        self.single_action_space = probe.action_space
+        self.observation_mode = observation_mode
+        self.observation_space, self.single_observation_space = observation_spaces(
+            observation_mode, probe.observation_space, env_fns)
+        self.action_space = batch_space(self.single_action_space, len(env_fns))
+
     def _is_open(self) -> bool:
         return not self.closed
 

@@ -24,13 +24,11 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
 
 from fastvec import _ring
 from fastvec.actions import Actions
 from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
-                              attr_values, check_observation_mode, observation_spaces,
-                              probe_env, reset_arguments)
+                              attr_values, check_observation_mode, reset_arguments)
 from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
 from fastvec.failure_reports import raise_if_policy
 from fastvec.first_ready import FirstReady
@@ -169,13 +167,7 @@ class FastVectorEnv(VectorContract, VectorEnv):
         self.autoreset_mode = opts.autoreset_mode
         self.batch_size = opts.batch_size
 
-        probe = probe_env(env_fns[0], self.autoreset_mode)
-        self.metadata, self.render_mode = probe.metadata, probe.render_mode
-        self.single_action_space = probe.action_space
-        self.observation_mode = observation_mode
-        self.observation_space, self.single_observation_space = observation_spaces(
-            observation_mode, probe.observation_space, env_fns)
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._take_spaces(env_fns, observation_mode)
 
         k = opts.envs_per_worker
         slots_envs = [tuple(range(i, min(i + k, self.num_envs)))

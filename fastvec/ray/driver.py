@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
-                              attr_values, probe_env, reset_arguments, restart_info)
+                              attr_values, reset_arguments, restart_info)
 from fastvec.errors import (AlreadyPendingCallError, FastVecError, InvalidActionError,
                             NoAsyncCallError)
 from fastvec.ray.actors import Actors
@@ -99,12 +99,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
         self.max_actor_restarts = opts.max_actor_restarts
         self.actor_restart_window = opts.actor_restart_window
 
-        probe = probe_env(env_fns[0], self.autoreset_mode)
-        self.metadata, self.render_mode = probe.metadata, probe.render_mode
-        self.single_observation_space = probe.observation_space
-        self.single_action_space = probe.action_space
-        self.observation_space = batch_space(self.single_observation_space, n)
-        self.action_space = batch_space(self.single_action_space, n)
+        self._take_spaces(env_fns)
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
