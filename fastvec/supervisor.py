@@ -1,18 +1,19 @@
 """The parent side of the worker processes: start, watch, kill or retire, shut down.
 
-    FastVectorEnv ──request(seq, op)──▶ Slot.ctl ──post req_sem──▶ worker
-         ▲                                                          │
-         └── wait: done_sem + resp_seq == seq ◀──post done_sem──────┘
+    FastVectorEnv ──Dispatcher.request(seq, op)──▶ Slot.ctl ──post req_sem──▶ worker
+         ▲                                                                 │
+         └── Dispatcher.wait: done_sem + resp_seq == seq ◀──post done_sem───┘
                            ▲
-    watchdog thread ───────┘  sentinels (death, as an event), heartbeat counters (frozen),
-                              busy_since_ns (hung in a step); a finding marks the slot and
-                              posts done_sem so the waiting parent wakes at once.
+    Watchdog thread ───────┘  sentinels (death, as an event), heartbeat counters (frozen),
+                              busy_since_ns (hung in a request); a verdict names the
+                              request it judged, marks the slot, raises the step path's
+                              alarm and posts done_sem so the waiting parent wakes at once.
 
 A failed slot is dirty: its process is killed, its control block re-initialised and its
 request semaphore recreated under a new name before a new process starts in it. Which
 process to start and what it must do first is recovery's decision (fastvec/recovery.py);
-how requests are numbered, sent and waited for is fastvec/dispatch.py's (the Supervisor
-hands its calls on); this module only runs processes and tells how they are doing.
+how requests are numbered, sent and waited for is fastvec/dispatch.py's (``sup.dispatch``);
+how workers are judged is fastvec/watchdog.py's; this module only runs processes.
 """
 
 from __future__ import annotations
