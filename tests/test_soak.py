@@ -360,6 +360,15 @@ class Soak:
                     f"env {i} flagged without a fault at step {stats['steps']}"
                 assert info["worker_restart_reason"][i].startswith(REASON[kind]), \
                     f"env {i}: {kind} reported as {info['worker_restart_reason'][i]}"
+                if self.fresh[i]:
+                    # Lost while its episode had just ended (NEXT_STEP): no episode lost,
+                    # the replacement's reset is this very step, flagged.
+                    assert not trunc[i] and not term[i] and rew[i] == 0.0, \
+                        f"env {i}: a lost worker's reset step at {stats['steps']}"
+                    assert obs[i][1] == 0 and obs[i][2] == 0, f"env {i}: expected a reset"
+                    stats["flagged"]["reset_step"] += 1
+                    self.fresh[i] = False
+                    continue
                 assert trunc[i] and not term[i] and rew[i] == 0.0
                 np.testing.assert_array_equal(obs[i], prev[i])
                 stats["flagged"]["step"] += 1
@@ -391,7 +400,7 @@ def test_soak(tmp_path, context):
     fds0 = open_fds()
     clock = Clock()
     stats = {"context": context, "steps": 0, "episodes": 0, "faults": {},
-             "flagged": {"step": 0, "reset": 0}, "slow_untouched": 0}
+             "flagged": {"step": 0, "reset_step": 0, "reset": 0}, "slow_untouched": 0}
     with clock.call("construct", "none", START_TIMEOUT + SLACK):
         env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                             step_timeout=STEP_TIMEOUT, start_timeout=START_TIMEOUT,
@@ -486,7 +495,7 @@ def test_soak_disable(tmp_path, context):
     fds0 = open_fds()
     clock = Clock()
     stats = {"context": context, "test": "disable", "steps": 0, "episodes": 0, "faults": {},
-             "flagged": {"step": 0, "reset": 0}, "slow_untouched": 0, "out_of_play": 0}
+             "flagged": {"step": 0, "reset_step": 0, "reset": 0}, "slow_untouched": 0, "out_of_play": 0}
     env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                         step_timeout=STEP_TIMEOUT, start_timeout=START_TIMEOUT,
                         max_restarts=1, restart_window=600.0, on_budget_exhausted="disable")
