@@ -187,7 +187,7 @@ class Watchdog:
             seq, resp = slot.expected, ctl.resp_seq
             if p.running_seq and resp >= p.running_seq:  # finished: it took at least that
                 p.slowest_ns = max(p.slowest_ns, p.running_ns)
-                p.running_seq = 0
+                p.running_seq = p.running_ns = 0
             p.slowest_ns = max(p.slowest_ns, ctl.last_request_ns)
             hb = ctl.heartbeat
             if hb != p.heartbeat:
@@ -196,7 +196,8 @@ class Watchdog:
                 if not busy or resp == seq or op not in _OP_NAMES:
                     return None
                 elapsed = now_ns - busy
-                p.running_seq, p.running_ns = seq, max(p.running_ns, elapsed)
+                p.running_ns = elapsed if p.running_seq != seq else max(p.running_ns, elapsed)
+                p.running_seq = seq
                 bound = self.options.hang_bound(p.slowest_ns)
                 if bound is None or elapsed / 1e9 <= bound:
                     return None
