@@ -179,7 +179,8 @@ void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) 
     uint64_t now = fv_now_ns();
     RELAXED(&c->status, status);
     RELAXED(&c->resp_payload_len, payload_len);
-    RELAXED(&c->last_request_ns, started ? now - started : 0);
+    if (LOAD(&c->opcode) != FV_OP_REPLAY)
+        RELAXED(&c->last_request_ns, started ? now - started : 0);
     RELAXED(&c->progress, c->progress + 1);
     RELAXED(&c->busy_since_ns, 0);
     STORE(&c->resp_seq, seq);

@@ -34,7 +34,8 @@
  *   140    4  worker_pid        worker
  *   144    8  resp_payload_len  worker   bytes of pickled reply in the side buffer (0: none)
  *   152    8  busy_since_ns     worker   CLOCK_MONOTONIC ns the current request started; 0 when idle
- *   160    8  last_request_ns   worker   duration of the latest finished request
+ *   160    8  last_request_ns   worker   duration of the latest finished request (a REPLAY's
+ *                                         excepted: it is many steps, not one)
  *   168    8  progress          worker   requests finished since start
  *   176    8  episodes          worker   episodes finished since start
  *   184    8  rss_bytes         worker   resident set size after the latest request
@@ -93,6 +94,8 @@ enum {
     FV_OP_CALL = 3,
     FV_OP_SET_ATTR = 4,
     FV_OP_CLOSE = 5,
+    FV_OP_REPLAY = 6, /* rebuild episodes from the parent's log (fastvec/replay.py); its
+                         duration is not a request's: last_request_ns keeps the previous */
 };
 
 /* Request flags. */

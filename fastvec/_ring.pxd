@@ -19,6 +19,7 @@ cdef extern from "ring.h" nogil:
         FV_OP_CALL
         FV_OP_SET_ATTR
         FV_OP_CLOSE
+        FV_OP_REPLAY
     enum:
         FV_REQ_COUNTED
         FV_REQ_NO_SPIN

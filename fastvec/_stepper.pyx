@@ -252,7 +252,7 @@ cdef class StepKernel:
             i = self.env_indices[j]
             env = envs[j]
             if autoreset[j]:  # NEXT_STEP: this step is the reset
-                obs, info = env.reset(seed=self.worker._take_seed(j, None))
+                obs, info = self.worker.reset_env(j, None)
                 r, term, trunc = 0.0, False, False
                 autoreset[j] = False
             else:
@@ -266,7 +266,7 @@ cdef class StepKernel:
                         autoreset[j] = True
                     elif self.mode == 1:
                         final_obs, final_info = obs, info
-                        obs, reset_info = env.reset(seed=self.worker._take_seed(j, None))
+                        obs, reset_info = self.worker.reset_env(j, None)
                         info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
             self._write_obs(i, ring, obs)
             self.reward[ring, i] = r
@@ -297,15 +297,18 @@ def serve(worker):
     cdef uint32_t flags, epoch
     cdef uint64_t n
     cdef list no_pickled = [None] * len(worker.envs)
+    cdef uint64_t every_env = (1 << len(worker.envs)) - 1  # a masked step goes through handle
     while True:
         # the parent says whether a core is free for spinning (see Supervisor.spin_ns)
         seq = ctl.wait_request(req, seq, 0 if c.flags & FV_REQ_NO_SPIN else spin)
-        if kernel is not None and c.opcode == FV_OP_STEP and c.req_payload_len == 0:
+        if (kernel is not None and c.opcode == FV_OP_STEP and c.req_payload_len == 0
+                and c.env_mask == every_env):
             flags, epoch = c.flags, c.batch_epoch
             ctl.begin()
             try:
                 infos = kernel.step(c.ring_index)
-                n = 0 if infos is None else worker._put_reply(infos, no_pickled)
+                n = (0 if infos is None and worker.starts is None
+                     else worker._put_reply(infos or no_pickled, no_pickled))
             except BaseException as exc:  # reported to the parent, which applies its policy
                 worker.reply_error(seq, exc, flags & FV_REQ_COUNTED, epoch)
                 continue

@@ -119,7 +119,7 @@ class FirstReady:
             else:
                 info = pobs = None
                 if slot.ctl.resp_payload_len:
-                    (info,), (pobs,) = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+                    (info,), (pobs,), _ = get_pickle(slot.payload, slot.ctl.resp_payload_len)
                     if info:
                         self.columns.learn(info)
                 typed = self.columns.env_info(int(rings[j]), i)

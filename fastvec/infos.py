@@ -276,11 +276,25 @@ class ReplyInfos(InfoBatcher):
         super().__init__(num_envs)
         self.columns = columns
         self.pickled_obs = pickled_obs
+        #: env -> how its latest episode began, as replies reported it (for the episode
+        #: log, fastvec/episodes.py, which takes them after each call)
+        self.starts: dict = {}
+
+    def take_starts(self) -> dict:
+        starts, self.starts = self.starts, {}
+        return starts
+
+    def _note_starts(self, slot, starts) -> None:
+        if starts is not None:
+            for i, start in zip(slot.env_indices, starts):
+                if start is not None:
+                    self.starts[i] = start
 
     def collect(self, slot, infos: dict, r: int) -> None:
         """Add the infos of ``slot``'s reply in ring slot ``r`` to ``infos``, env by env."""
         n = slot.ctl.resp_payload_len
-        got, pobs = get_pickle(slot.payload, n) if n else (None, None)
+        got, pobs, starts = get_pickle(slot.payload, n) if n else (None, None, None)
+        self._note_starts(slot, starts)
         cols = self.columns
         for j, i in enumerate(slot.env_indices):
             info = got[j] if got else None
@@ -300,7 +314,7 @@ class ReplyInfos(InfoBatcher):
         n = slot.ctl.resp_payload_len
         if not n:
             return
-        got, _ = get_pickle(slot.payload, n)
+        got, _, _ = get_pickle(slot.payload, n)
         for i, info in zip(slot.env_indices, got):
             if info:
                 self._add_info(infos, {key: info[key] for key in ("final_obs", "final_info")
@@ -317,7 +331,8 @@ class ReplyInfos(InfoBatcher):
             n = slot.ctl.resp_payload_len
             if not n:
                 continue
-            got, pobs = get_pickle(slot.payload, n)
+            got, pobs, starts = get_pickle(slot.payload, n)
+            self._note_starts(slot, starts)
             for j, i in enumerate(slot.env_indices):
                 if got[j]:
                     pickled[i] = got[j]

@@ -15,10 +15,12 @@ already starts in the same control block.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,6 +34,7 @@ from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
                             UnpicklableInfoError)
 from fastvec.layout import Plan, flatten, unflatten, write_leaf
+from fastvec.replay import Start, rng_state, run_plan
 from fastvec.shm import Segment, get_pickle, put_pickle
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -64,6 +67,9 @@ class WorkerSpec:
     # PR_SET_PDEATHSIG fires when the *thread* that forked exits: ask for it only when the
     # main thread forks; the heartbeat thread's owner check covers every other case.
     parent_death_signal: bool = True
+    # Report how each episode began (seed, or the RNG state before an unseeded reset) in
+    # the reply of the request that reset the env: the parent's episode log (resume).
+    report_starts: bool = False
 
 
 class Worker:
@@ -85,12 +91,14 @@ class Worker:
         k = len(spec.env_indices)
         self.autoreset = [False] * k
         self.pending_seed: list[Any] = [None] * k
+        self.starts: list | None = None  # per env: the Start of an episode begun (report_starts)
         self.handlers: dict[int, Callable[[int, int], int]] = {
             _ring.OP_RESET: self.on_reset,
             _ring.OP_STEP: self.on_step,
             _ring.OP_CALL: self.on_call,
             _ring.OP_SET_ATTR: self.on_set_attr,
             _ring.OP_CLOSE: self.on_close,
+            _ring.OP_REPLAY: self.on_replay,
         }
         self.info_writer = InfoWriter(self.views)
         self.kernel = (StepKernel(self, self.views, self.obs_leaves, self.act_leaves,
@@ -141,17 +149,22 @@ class Worker:
 
     def on_step(self, ring: int, mask: int) -> int:
         n = self.ctl.req_payload_len
-        if self.kernel is not None and not n:  # the compiled loop (fastvec/_stepper.pyx)
+        k = len(self.envs)
+        if self.kernel is not None and not n and mask == (1 << k) - 1:  # fastvec/_stepper.pyx
             infos = self.kernel.step(ring)
-            return 0 if infos is None else self._put_reply(infos, [None] * len(self.envs))
+            if infos is None and self.starts is None:
+                return 0
+            return self._put_reply(infos or [None] * k, [None] * k)
         v = self.views
         infos: list = [None] * len(self.envs)
         pobs: list = [None] * len(self.envs)
         pacts = get_pickle(self.payload, n) if n else None  # per env {leaf: value} or None
         for j, env in enumerate(self.envs):
+            if not mask >> j & 1:
+                continue  # a re-sent step after a replay: only the envs it resumed
             i = self.spec.env_indices[j]
             if self.autoreset[j]:  # NEXT_STEP: this step is the reset
-                obs, info = env.reset(seed=self._take_seed(j, None))
+                obs, info = self.reset_env(j, None)
                 reward, terminated, truncated = 0.0, False, False
                 self.autoreset[j] = False
             else:
@@ -168,9 +181,9 @@ class Worker:
                         self.autoreset[j] = True
                     elif self.mode == AutoresetMode.SAME_STEP:
                         final_obs, final_info = obs, info
-                        obs, reset_info = env.reset(seed=self._take_seed(j, None))
+                        obs, reset_info = self.reset_env(j, None)
                         info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
-            pobs[j] = self._write_obs(i, ring, obs)
+            pobs[j] = self.write_obs(i, ring, obs)
             v.reward[ring, i] = reward
             v.terminated[ring, i] = terminated
             v.truncated[ring, i] = truncated
@@ -190,6 +203,14 @@ class Worker:
         for env, value in zip(self.envs, values):
             env.set_wrapper_attr(name, value)
         return 0
+
+    def on_replay(self, ring: int, mask: int) -> int:
+        """Rebuild the envs' episodes from the parent's log, each checked (fastvec/replay.py);
+        the last observation of each goes to ring slot ``ring``."""
+        plans, budget = get_pickle(self.payload, self.ctl.req_payload_len)
+        deadline = time.monotonic() + (math.inf if budget is None else budget)
+        out = [run_plan(self, j, ring, plan, deadline) for j, plan in enumerate(plans)]
+        return put_pickle(self.payload, out, self.spec.max_payload_bytes)
 
     def on_close(self, ring: int, mask: int) -> int:
         envs, self.envs = self.envs, []
@@ -218,13 +239,43 @@ class Worker:
         self.pending_seed[j] = None
         return seed
 
+    def reset_env(self, j: int, seed, options=None, *, user: bool = False) -> tuple:
+        """Reset env ``j`` (a pending seed of a replacement stands in for None) and, with
+        ``report_starts``, note how its episode began for this request's reply. An
+        autoreset passes no options, as SyncVectorEnv's does."""
+        env = self.envs[j]
+        seed = self._take_seed(j, seed)
+        if self.spec.report_starts:
+            if self.starts is None:
+                self.starts = [None] * len(self.envs)
+            self.starts[j] = Start(seed, None if seed is not None else rng_state(env), options)
+        if user:
+            return env.reset(seed=seed, options=options)
+        return env.reset(seed=seed)
+
+    def start_fresh(self, j: int, seed) -> None:
+        """A replay could not resume env ``j``: its next reset starts a new episode with
+        ``seed``; under NEXT_STEP and SAME_STEP that reset is its next step."""
+        self.pending_seed[j] = seed
+        self.autoreset[j] = self.mode != AutoresetMode.DISABLED
+
+    def episode_over(self, j: int) -> None:
+        """A replay ended on the episode's last step: NEXT_STEP resets at the next step."""
+        self.autoreset[j] = self.mode == AutoresetMode.NEXT_STEP
+
+    def logged_action(self, leaves: list, pickled: dict | None, t: int):
+        """Step ``t``'s action of a replayed episode, as the env received it then."""
+        values = [pickled[k] if pickled and k in pickled else leaf[t].copy()
+                  for k, leaf in enumerate(leaves)]
+        return unflatten(self.act_space, values)
+
     def _reset_one(self, j: int, ring: int, seed, options) -> tuple:
         i = self.spec.env_indices[j]
-        obs, info = self.envs[j].reset(seed=self._take_seed(j, seed), options=options)
+        obs, info = self.reset_env(j, seed, options, user=True)
         self.autoreset[j] = False
-        return self.info_writer.write(ring, i, info), self._write_obs(i, ring, obs)
+        return self.info_writer.write(ring, i, info), self.write_obs(i, ring, obs)
 
-    def _write_obs(self, i: int, ring: int, obs) -> list | None:
+    def write_obs(self, i: int, ring: int, obs) -> list | None:
         """Write env i's observation into ring slot ``ring``; returns the values of its
         pickled leaves (None without any), which travel in the reply."""
         pickled = None
@@ -242,12 +293,14 @@ class Worker:
         return pickled
 
     def _put_reply(self, infos: list, pobs: list) -> int:
-        """The reply's side-buffer part: ``(infos, pickled observation leaves)`` per env,
-        or nothing at all (0 bytes) when every env's info is empty and no leaf is pickled."""
-        if not any(infos) and not any(p is not None for p in pobs):
+        """The reply's side-buffer part: ``(infos, pickled observation leaves, episode
+        starts)`` per env, or nothing at all (0 bytes) when every env's info is empty, no
+        leaf is pickled and no episode began."""
+        starts, self.starts = self.starts, None
+        if not any(infos) and not any(p is not None for p in pobs) and starts is None:
             return 0
         try:
-            return put_pickle(self.payload, (infos, pobs), self.spec.max_payload_bytes)
+            return put_pickle(self.payload, (infos, pobs, starts), self.spec.max_payload_bytes)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             bad = [self.spec.env_indices[j] for j, info in enumerate(infos) if info
                    and not _picklable(info)]
