@@ -24,7 +24,7 @@ from fastvec.errors import (AlreadyPendingCallError, ClosedEnvError, FastVecErro
 
 __all__ = ["State", "VectorContract", "EnvProbe", "probe_env", "check_observation_mode",
            "observation_spaces", "reset_arguments",
-           "assert_callable", "attr_values", "assert_resets_done", "restart_info",
+           "assert_callable", "attr_values", "assert_resets_done", "restart_info", "resumed_info",
            "disabled_info", "derive_seed", "InfoBatcher"]
 
 
@@ -250,6 +250,12 @@ def restart_info(reason: str) -> dict:
     """The info of an env whose worker (or actor) was replaced; ``reason`` is
     ``"<reason>: <detail>"``."""
     return {"worker_restarted": True, "worker_restart_reason": reason}
+
+
+def resumed_info(reason: str) -> dict:
+    """The info of an env whose worker (or actor) was replaced and whose episode the
+    replacement rebuilt and goes on with (resume); ``reason`` is the failure survived."""
+    return {"worker_resumed": True, "worker_resumed_reason": reason}
 
 
 def disabled_info(reason: str) -> dict:

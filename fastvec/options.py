@@ -14,6 +14,7 @@ from gymnasium.vector import AutoresetMode
 from fastvec.infos import check_spec
 
 ON_FAILURE = ("respawn", "raise")
+RESUME = ("auto", "on", "off")
 ON_BUDGET_EXHAUSTED = ("raise", "disable")
 
 
@@ -55,6 +56,8 @@ class Options:
     info_spec: dict | None = None
     batch_size: int | None = None
     daemon: bool = True
+    resume: str = "auto"
+    max_replay_steps: int = 10_000
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
@@ -97,6 +100,21 @@ class Options:
                 self.envs_per_worker != 1 or self.autoreset_mode != AutoresetMode.NEXT_STEP):
             raise ValueError("batch_size (send/recv) needs envs_per_worker=1 and "
                              "autoreset_mode=NEXT_STEP")
+
+        if self.resume not in RESUME:
+            raise ValueError(f"resume must be one of {RESUME}, got {self.resume!r}")
+        if self.resume == "on" and self.batch_size is not None:
+            raise ValueError("resume='on' does not cover send()/recv() yet (batch_size): use "
+                             "resume='auto' (on for step(), reset() and call()) or 'off'")
+        if not (isinstance(self.max_replay_steps, int) and self.max_replay_steps >= 1):
+            raise ValueError(f"max_replay_steps must be an int >= 1, got "
+                             f"{self.max_replay_steps!r}")
+
+    @property
+    def resuming(self) -> bool:
+        """Whether the parent keeps the episode log and a lost worker's episodes are
+        replayed (fastvec/resume.py): resume "auto" or "on", lockstep only for now."""
+        return self.resume != "off" and self.batch_size is None
 
     def check_num_envs(self, num_envs: int) -> None:
         if num_envs < 1:

@@ -27,6 +27,7 @@ from fastvec.layout import Views
 from fastvec.observations import ObservationRing
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
+from fastvec.resume import Resume
 from fastvec.shm import get_pickle, put_pickle
 from fastvec.supervisor import Slot, Supervisor
 
@@ -57,9 +58,11 @@ class Outcomes:
     """
 
     def __init__(self, sup: Supervisor, recovery: Recovery, obs: ObservationRing, views: Views,
-                 replies: ReplyInfos, opts: Options):
+                 replies: ReplyInfos, opts: Options, resume: Resume | None = None):
         self.sup, self.recovery, self.obs, self.views = sup, recovery, obs, views
         self.replies = replies
+        self.resume = resume  # resuming lost episodes (fastvec/resume.py), or None
+        self.log = resume.log if resume is not None else None
         self._add_info = InfoBatcher(obs.num_envs).add
         self.same_step = opts.autoreset_mode == AutoresetMode.SAME_STEP
         self.next_step = opts.autoreset_mode == AutoresetMode.NEXT_STEP
@@ -109,16 +112,21 @@ class Outcomes:
         lost = [slot for slot in p.lost if slot not in failed]
         last = {i: self.obs.row(env_ring[i], i)
                 for slot in [*failed, *lost] for i in slot.env_indices}
+        # With resume, the replacements first replay their envs' episodes; what is left
+        # (the crash repeated) or out of play (budget spent) goes on as without it.
+        resumed, replaced = [], []
+        if crashed and self.resume is not None:
+            resumed, crashed, replaced = self.resume.step(r, crashed, env_ring, due, infos)
         now = {slot for slot, _ in crashed
                if same_step or self._all_due(slot, due)} | set(p.reset)
         if crashed:
             self.recovery.replace([(slot, failure, ReplacementPlan(
                 when=When.NOW if slot in now else When.NEXT, ring=r))
                 for slot, failure in crashed])
-        restarted = crashed + [(slot, slot.lost) for slot in lost]
+        restarted = crashed + replaced + [(slot, slot.lost) for slot in lost]
         for slot in p.lost:
             slot.lost = None
-        reported = set()
+        reported = {slot for slot, _ in resumed}
         for slot, failure in restarted:
             reported.add(slot)
             if not same_step and slot in now and slot.disabled is None:
@@ -127,7 +135,7 @@ class Outcomes:
                     infos = self._add_info(infos, restart_flag(failure), i)
                 self.replies.collect(slot, infos, r)
                 continue
-            self._truncate(slot, r)
+            self._truncate(slot, r, why=failure.text())
             fresh = same_step and slot.disabled is None  # a new episode started in this step
             if not fresh:
                 self.obs.carry(slot.env_indices, r, env_ring)
@@ -162,13 +170,13 @@ class Outcomes:
             else:
                 self.recovery.recycle(recycled, ReplacementPlan(when=When.NEXT))
         sup.record_latency([s for s in p.slots if s not in reported])
-        return infos, restarted, done
+        return infos, restarted + resumed, done
 
     def _all_due(self, slot: Slot, due: np.ndarray) -> bool:
         """NEXT_STEP: whether every env of ``slot`` is due for its autoreset."""
         return self.next_step and bool(due[list(slot.env_indices)].all())
 
-    def _truncate(self, slot: Slot, r: int, truncated: bool = True) -> None:
+    def _truncate(self, slot: Slot, r: int, truncated: bool = True, why: str = "") -> None:
         """The slot's envs in ring slot ``r``: reward 0, not terminated, ``truncated``
         (False: they were just reset, and this is their reset step)."""
         idx = list(slot.env_indices)
@@ -176,9 +184,11 @@ class Outcomes:
         v.reward[r, idx] = 0.0
         v.terminated[r, idx] = False
         v.truncated[r, idx] = truncated
+        if truncated and self.log is not None:
+            self.log.end(idx, f"its episode ended truncated ({why})")
 
     def _report_disabled(self, slot: Slot, r: int, infos: dict, env_ring: np.ndarray) -> None:
-        self._truncate(slot, r)
+        self._truncate(slot, r, why="out of play")
         for i in slot.env_indices:
             if self.same_step:
                 self._add_info(infos, {"final_obs": self.obs.row(env_ring[i], i),

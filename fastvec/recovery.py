@@ -46,6 +46,7 @@ class When(enum.Enum):
     BY_CALLER = "by caller"  # the caller resets them itself: its reset() is about to be sent
     NEXT = "next"  # at their next reset, with derived seeds (NEXT_STEP: the next step)
     NOW = "now"  # right after start, into ring slot ``ring``, before replace() returns
+    REPLAY = "replay"  # not at all: the caller replays their episodes (fastvec/resume.py)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Recovery:
         self._close_broken = close_broken
         self._base_seeds: list[int | None] = [None] * num_envs
         self._restarts = np.zeros(num_envs, np.int64)
+
+    @property
+    def base_seeds(self) -> list:
+        """Each env's original seed (the latest a reset gave it), or None."""
+        return list(self._base_seeds)
+
+    def restore_seeds(self, seeds: list) -> None:
+        """Original seeds saved by ``FastVectorEnv.state_dict``."""
+        self._base_seeds = [None if s is None else int(s) for s in seeds]
 
     def remember_seeds(self, seeds: list, mask: np.ndarray) -> None:
         """A reset's seeds: the masked envs' given seeds become their original seeds."""

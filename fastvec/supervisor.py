@@ -69,6 +69,9 @@ class Slot:
         self.restarts = self.recycles = 0
         self.reasons: collections.Counter = collections.Counter()
         self.last_failure: Failure | None = None
+        # resume (fastvec/resume.py): episodes resumed, and why the others were not
+        self.resumed = 0
+        self.not_resumed: collections.Counter = collections.Counter()
         self.latency = np.zeros(_LATENCY_WINDOW, np.int64)
         self.latency_count = 0
 
@@ -106,6 +109,8 @@ class Slot:
             "restarts": self.restarts,
             "recycles": self.recycles,
             "reasons": dict(self.reasons),
+            "resumed": self.resumed,
+            "not_resumed": dict(self.not_resumed),
             "last_failure_time": lf.when if lf else None,
             "last_failure": f"{lf.reason}: {lf.detail}" if lf else None,
             "requests": int(ctl.progress),
@@ -203,7 +208,7 @@ class Supervisor:
                     max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
                     # the window; whether to spin at all comes with each request (REQ_NO_SPIN)
                     spin_ns=opts.spin_ns(2), pending_seeds=pending_seeds,
-                    observation_mode=self.observation_mode,
+                    observation_mode=self.observation_mode, report_starts=opts.resuming,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 if self.serial:
                     proc = InProcess(spec)

@@ -27,8 +27,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 
 from fastvec import _ring
 from fastvec.actions import Actions
+from fastvec.checkpoint import Checkpoints
 from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
                               attr_values, check_observation_mode, reset_arguments)
+from fastvec.episodes import EpisodeLog
 from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
 from fastvec.failure_reports import raise_if_policy
 from fastvec.first_ready import FirstReady
@@ -38,6 +40,8 @@ from fastvec.observations import ObservationRing
 from fastvec.options import Options
 from fastvec.outcomes import Outcomes, PendingReset, PendingStep
 from fastvec.recovery import Recovery
+from fastvec.replay import OP_CALL, OP_SET_ATTR
+from fastvec.resume import Resume
 from fastvec.resources import Resources
 from fastvec.shm import put_pickle, sweep_stale
 from fastvec.supervisor import Slot, Supervisor
@@ -55,7 +59,7 @@ def _weak(method):
     return lambda *args: ref()(*args)
 
 
-class FastVectorEnv(VectorContract, VectorEnv):
+class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
     """Vectorized env whose workers exchange data through POSIX shared-memory rings.
 
     Args:
@@ -108,6 +112,14 @@ class FastVectorEnv(VectorContract, VectorEnv):
             space), ``"different"`` (same shape and dtype, other bounds; batched with
             ``batch_differing_spaces``), or a ``(batch_space, single_space)`` pair.
         daemon: start workers as daemon processes.
+        resume: ``"auto"`` (default), ``"on"`` or ``"off"``: keep each env's episode log
+            (how it began, the actions since) so that a lost worker's replacement replays
+            its envs' episodes, checked step by step, and the step goes on with
+            ``infos["worker_resumed"]`` instead of a truncation (fastvec/resume.py); it
+            also makes :meth:`state_dict` possible. "auto" is on except with
+            ``batch_size`` (send/recv), which "on" refuses.
+        max_replay_steps: longest episode (steps) the log keeps; a longer one ends
+            truncated on a failure, as with ``resume="off"``.
     """
 
     _kind = "FastVectorEnv"
@@ -144,6 +156,8 @@ class FastVectorEnv(VectorContract, VectorEnv):
         batch_size: int | None = None,
         observation_mode: str | tuple = "same",
         daemon: bool = True,
+        resume: str = "auto",
+        max_replay_steps: int = 10_000,
     ):
         self._state = State.DEFAULT
         self.closed = False
@@ -158,7 +172,8 @@ class FastVectorEnv(VectorContract, VectorEnv):
             restart_window=restart_window, recycle_after_episodes=recycle_after_episodes,
             max_worker_rss=max_worker_rss, recycle_grace=recycle_grace, ring_depth=ring_depth,
             max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
-            spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon)
+            spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon,
+            resume=resume, max_replay_steps=max_replay_steps)
         opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns
@@ -212,8 +227,13 @@ class FastVectorEnv(VectorContract, VectorEnv):
                                   recent_actions=_weak(self._recent_actions),
                                   close_broken=_weak(self._close_broken))
         self._replies = ReplyInfos(self._infos, self._obs.pickled, self.num_envs)
+        self._episodes = self._resume = None
+        if opts.resuming:
+            self._episodes = EpisodeLog(self._views.act, self.num_envs, opts.max_replay_steps)
+            self._resume = Resume(self._sup, self._recovery, self._episodes, self._obs,
+                                  self._views, self._replies, opts, self._actions.put_pickled)
         self._outcomes = Outcomes(self._sup, self._recovery, self._obs, self._views,
-                                  self._replies, opts)
+                                  self._replies, opts, self._resume)
         if self.batch_size is not None:
             self._first_ready = FirstReady(
                 self._sup, self._recovery, self._obs, self._views, self._infos,
@@ -266,6 +286,11 @@ class FastVectorEnv(VectorContract, VectorEnv):
         failed = self._sup.dispatch.wait(p.slots, timeout)
         self._state = State.DEFAULT
         infos, keep, crashed = self._outcomes.reset(p, failed, self._env_ring)
+        if self._episodes is not None:
+            starts = self._replies.take_starts()
+            self._episodes.end([i for i in np.flatnonzero(~keep) if i not in starts],
+                               "its reset reported no start")
+            self._episodes.started(starts)
         self._needs_reset[p.mask] = False
         self._due[~keep] = False
         self._ring = p.ring
@@ -283,6 +308,7 @@ class FastVectorEnv(VectorContract, VectorEnv):
         if (self._act_writer is not None and dispatch.batchable() and self._aligned()
                 and dispatch.send_all(_ring.OP_STEP, r, self._act_writer, actions, self._steps)):
             # actions checked, stored and sent: one compiled call
+            self._actions.pickled = {}
             self._pending = PendingStep(r, sup.slots, sent_to_all=True)
             self._state = State.WAITING_STEP
             return
@@ -312,6 +338,7 @@ class FastVectorEnv(VectorContract, VectorEnv):
         self._state = State.DEFAULT
         self._steps += 1
         infos, restarted, done = self._outcomes.step(p, failed, self._env_ring, self._due)
+        self._log_step(r)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             disabled = np.zeros(self.num_envs, np.bool_)
             for slot in self._sup.slots:
@@ -338,6 +365,8 @@ class FastVectorEnv(VectorContract, VectorEnv):
             infos = {}
         if self._steps % _LATENCY_SAMPLE == 1:  # the first step, then every 4th
             self._sup.record_latency(slots)
+        if self._episodes is not None:
+            self._log_step(r)
         if self._obs.results is not None:
             obs, reward, terminated, truncated = self._obs.results.get(r)
         else:
@@ -395,6 +424,8 @@ class FastVectorEnv(VectorContract, VectorEnv):
         self._assert_idle("call_async")
         assert_callable(name)
         self._send_to_all(_ring.OP_CALL, lambda slot: (name, args, kwargs))
+        if self._episodes is not None:  # replayed in order if a worker is lost
+            self._episodes.event(self._all_envs, OP_CALL, (name, args, kwargs))
         self._state = State.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
@@ -412,6 +443,9 @@ class FastVectorEnv(VectorContract, VectorEnv):
         values = attr_values(values, self.num_envs)
         self._send_to_all(_ring.OP_SET_ATTR,
                           lambda slot: (name, [values[i] for i in slot.env_indices]))
+        if self._episodes is not None:
+            for i in self._all_envs:
+                self._episodes.event([i], OP_SET_ATTR, (name, values[i]))
         self._state = State.WAITING_CALL
         self._guarded(lambda: self._gather_calls(self._sup.dispatch.wait(self._pending, None),
                                                  results=False))
@@ -449,7 +483,7 @@ class FastVectorEnv(VectorContract, VectorEnv):
         self._views = self._infos = self._act_writer = self._obs = None
         if getattr(self, "_actions", None) is not None:
             self._actions.release()
-        self._replies = self._outcomes = self._first_ready = None  # they hold views too
+        self._replies = self._outcomes = self._first_ready = self._resume = None  # views too
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
@@ -490,6 +524,13 @@ class FastVectorEnv(VectorContract, VectorEnv):
         if len(off):
             self._obs.carry(off, self._ring, self._env_ring)
             self._env_ring[:] = self._ring
+
+    def _log_step(self, r: int) -> None:
+        """Log the lockstep step in ring slot ``r`` (and the episodes its replies began)."""
+        if self._episodes is not None:
+            self._episodes.record(self._views, r, self._actions.pickled)
+            if self._replies.starts:
+                self._episodes.started(self._replies.take_starts())
 
     def _count_step(self) -> None:
         self._steps += 1

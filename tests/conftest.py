@@ -6,6 +6,7 @@ import gc
 import os
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -53,6 +54,13 @@ def process_gone(pid: int) -> bool:
     return True
 
 
+def replaced(info: dict, n: int) -> list[bool]:
+    """Per env, whether its worker was replaced in this step: its episode was resumed
+    (``worker_resumed``) or ended truncated (``worker_restarted``)."""
+    none = np.zeros(n, bool)
+    return (info.get("_worker_resumed", none) | info.get("_worker_restarted", none)).tolist()
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,6 +68,18 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+@pytest.fixture(autouse=True)
+def _needs_pyretechnics(request):
+    """Tests marked ``fire`` skip when pyretechnics is not installed, and only then."""
+    if request.node.get_closest_marker("fire"):
+        try:
+            import pyretechnics  # noqa: F401
+        except ModuleNotFoundError as exc:
+            if exc.name != "pyretechnics":
+                raise  # installed, but broken: that is a failure, not a missing extra
+            pytest.skip('pyretechnics is not installed: pip install "fastvec[fire]"')
 
 
 @pytest.fixture(autouse=True)

@@ -269,3 +269,69 @@ class HangingCallEnv(CounterEnv):
 
     def ping(self):
         return os.getpid()
+
+
+class CommandFault(gym.Wrapper):
+    """Any env, faulting on command: when the test writes ``<command_dir>/env<index>.cmd``
+    (a kind of FAULTS), the next step removes the file and does that fault in the worker.
+    Without a command the wrapper changes nothing, so SyncVectorEnv can run the same env."""
+
+    def __init__(self, env: gym.Env, command_dir: str | None = None, index: int = 0):
+        super().__init__(env)
+        self.command_dir, self.index = command_dir, index
+
+    def step(self, action):
+        if self.command_dir:
+            path = os.path.join(self.command_dir, f"env{self.index}.cmd")
+            try:
+                with open(path) as f:
+                    kind = f.read().strip()
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            else:
+                do_fault(kind)
+        return self.env.step(action)
+
+
+class EntropyEnv(CounterEnv):
+    """Reads os.urandom in step: a replay of its episode cannot match the log."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward + os.urandom(1)[0], terminated, truncated, info
+
+
+class CrashesAtEnv(CounterEnv):
+    """Segfaults at step ``at`` of any episode that began with ``reset(seed=seed)``: a
+    deterministic crash, which a replay of that episode repeats."""
+
+    def __init__(self, seed: int = 5, at: int = 7):
+        super().__init__()
+        self.crash_seed, self.at, self.seeded = seed, at, None
+
+    def reset(self, *, seed=None, options=None):
+        self.seeded = seed
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.seeded == self.crash_seed and self._state[1] + 1 == self.at:
+            do_fault("segfault")
+        return super().step(action)
+
+
+class ScaledEnv(CounterEnv):
+    """CounterEnv whose reward is multiplied by an attribute a test changes with set_attr
+    or a method call: replaying an episode must replay those too."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def set_scale(self, scale: float) -> float:
+        self.scale = float(scale)
+        return self.scale
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward * self.scale, terminated, truncated, info

@@ -25,6 +25,7 @@ import pytest
 
 import fastvec.shm
 from fastvec import FastVectorEnv
+from conftest import replaced
 from fastvec.shm import CREATE_TRIES, SHM_DIR, Names, create_semaphore, leftovers, new_prefix
 from faults import CounterEnv
 from test_shm import assert_ok
@@ -211,7 +212,7 @@ def kill_and_step_until_restarted(env, w: int = 0) -> None:
     os.kill(env.health()[w]["pid"], signal.SIGKILL)
     for _ in range(50):
         *_, info = env.step(np.ones(env.num_envs, np.int64))
-        if info.get("_worker_restarted", np.zeros(env.num_envs, bool))[w]:
+        if replaced(info, env.num_envs)[w]:
             return
         time.sleep(0.02)
     raise AssertionError(f"worker {w} was not reported restarted: {env.health()[w]}")

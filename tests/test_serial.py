@@ -63,7 +63,7 @@ def test_serial_keeps_the_error_semantics():
         with pytest.raises(KeyError):
             env.call("oops")
     fns = [test_envs.AttrEnv, functools.partial(test_envs.StepRaisesEnv, 2)]
-    with FastVectorEnv(fns, context="serial") as env:
+    with FastVectorEnv(fns, context="serial", resume="off") as env:
         env.reset(seed=0)
         env.step(np.zeros(2, np.int64))
         obs, rew, term, trunc, info = env.step(np.zeros(2, np.int64))

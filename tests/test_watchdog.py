@@ -1,4 +1,7 @@
-"""Real faults in a worker: the run continues with one flagged, truncated step for that env."""
+"""Real faults in a worker: the run continues with one flagged, truncated step for that env.
+
+These tests pin the truncation path (``resume="off"``); with resume on, the same faults
+resume the episode instead (tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def make_fns(tmp_path, fault, n=3, faulty=1):
 def test_fault_gives_one_flagged_truncated_step(tmp_path, fault, context, caplog):
     fns = make_fns(tmp_path, fault)
     ref = SyncVectorEnv([CounterEnv] * 3)
-    env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT, resume="off",
                         step_timeout=STEP_TIMEOUT)
     try:
         obs, _ = env.reset(seed=7)
@@ -106,7 +109,8 @@ def test_after_restart_next_step_resets_with_derived_seed(tmp_path):
     for k in range(2):
         d = tmp_path / str(k)
         d.mkdir()
-        env = FastVectorEnv(make_fns(d, "sigkill"), heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        env = FastVectorEnv(make_fns(d, "sigkill"), heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                            resume="off")
         try:
             env.reset(seed=3)
             seq = []
@@ -124,7 +128,7 @@ def test_after_restart_next_step_resets_with_derived_seed(tmp_path):
 
 @pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.DISABLED])
 def test_fault_in_other_autoreset_modes(tmp_path, mode):
-    env = FastVectorEnv(make_fns(tmp_path, "segfault"), autoreset_mode=mode,
+    env = FastVectorEnv(make_fns(tmp_path, "segfault"), autoreset_mode=mode, resume="off",
                         heartbeat_timeout=HEARTBEAT_TIMEOUT)
     try:
         obs, _ = env.reset(seed=1)
@@ -151,7 +155,7 @@ def test_fault_in_other_autoreset_modes(tmp_path, mode):
 
 
 def test_on_failure_raise(tmp_path):
-    env = FastVectorEnv(make_fns(tmp_path, "exception"), on_failure="raise")
+    env = FastVectorEnv(make_fns(tmp_path, "exception"), on_failure="raise", resume="off")
     try:
         env.reset(seed=0)
         with pytest.raises(WorkerFailure) as info:
@@ -168,7 +172,7 @@ def test_on_failure_raise(tmp_path):
 
 
 def test_on_failure_raise_on_death_decodes_signal(tmp_path):
-    env = FastVectorEnv(make_fns(tmp_path, "segfault"), on_failure="raise")
+    env = FastVectorEnv(make_fns(tmp_path, "segfault"), on_failure="raise", resume="off")
     try:
         env.reset(seed=0)
         with pytest.raises(WorkerFailure, match="SIGSEGV") as info:
@@ -208,7 +212,7 @@ def test_slow_step_under_timeout_is_not_touched(tmp_path):
 
 
 def test_kill_between_steps_is_answered_at_next_step(tmp_path):
-    env = FastVectorEnv([CounterEnv] * 2)
+    env = FastVectorEnv([CounterEnv] * 2, resume="off")
     try:
         env.reset(seed=0)
         env.step(np.ones(2, np.int64))

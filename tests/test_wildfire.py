@@ -24,17 +24,6 @@ fire = pytest.mark.fire
 HERE = Path(__file__).resolve().parent  # not the repo root: that would import the source tree
 
 
-@pytest.fixture(autouse=True)
-def _needs_pyretechnics(request):
-    if request.node.get_closest_marker("fire"):
-        try:
-            import pyretechnics  # noqa: F401
-        except ModuleNotFoundError as exc:
-            if exc.name != "pyretechnics":
-                raise  # installed, but broken: that is a failure, not a missing extra
-            pytest.skip('pyretechnics is not installed: pip install "fastvec[fire]"')
-
-
 def wildfire():
     from fastvec.envs import wildfire as module
 

@@ -1,0 +1,149 @@
+"""The episode log: for each env, how its current episode began and every step since, so
+that a new worker can rebuild the episode (fastvec/replay.py) instead of ending it.
+
+Kept in the parent, written once per vector step in a few array copies:
+
+    acts[k]     (cap, num_envs, *leaf shape)  the actions of fixed-size leaf k, row t % cap
+    reward      (cap, num_envs) float64       what step t returned
+    terminated  (cap, num_envs) bool
+    truncated   (cap, num_envs) bool
+    begin[i]    the clock t of env i's first step in its episode (-1: not resumable)
+    starts[i]   how that episode began (replay.Start), as the worker reported it
+    extras[i]   t -> {leaf: value}: action leaves that travelled pickled (rare)
+    events[i]   calls and set_attr made on env i during its episode, replayed in order
+
+``t`` counts lockstep steps. An episode longer than ``cap`` (``max_replay_steps``) has
+lost its first rows and is no longer resumable. The episode an env ended stays logged
+until the reset that begins the next one reports its start: a worker lost between the
+two replays it to its end, so the next reset draws from the same RNG state as it would
+have.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastvec.replay import Fresh, Replay, Start
+
+
+class EpisodeLog:
+    def __init__(self, act_views: list, num_envs: int, cap: int):
+        self.cap, self.num_envs = cap, num_envs
+        self.acts = [None if a is None else np.zeros((cap, *a.shape), a.dtype)
+                     for a in act_views]
+        self.reward = np.zeros((cap, num_envs), np.float64)
+        self.terminated = np.zeros((cap, num_envs), np.bool_)
+        self.truncated = np.zeros((cap, num_envs), np.bool_)
+        self.t = 0
+        self.begin = np.full(num_envs, -1, np.int64)
+        self.starts: list[Start | None] = [None] * num_envs
+        self.why: list[str] = ["the env has not been reset yet"] * num_envs
+        self.extras: list[dict] = [{} for _ in range(num_envs)]
+        self.events: list[list] = [[] for _ in range(num_envs)]
+
+    # -- writing ---------------------------------------------------------------------------
+    def record(self, views, r: int, pickled: dict) -> None:
+        """Log the lockstep step whose results sit in ring slot ``r`` (actions: the rows
+        in shared memory; ``pickled``: env -> {leaf: value} of what travelled pickled)."""
+        row = self.t % self.cap
+        for log, act in zip(self.acts, views.act):
+            if log is not None:
+                log[row] = act
+        self.reward[row] = views.reward[r]
+        self.terminated[row] = views.terminated[r]
+        self.truncated[row] = views.truncated[r]
+        for i, leaves in pickled.items():
+            extras = self.extras[i]
+            extras[self.t] = leaves
+            if len(extras) > self.cap:  # an endless episode: keep the rows still logged
+                for old in [s for s in extras if s <= self.t - self.cap]:
+                    del extras[old]
+        self.t += 1
+
+    def started(self, starts: dict) -> None:
+        """Episodes that began (env -> Start): their first step is the next one."""
+        for i, start in starts.items():
+            self.starts[i] = start
+            self.begin[i] = self.t
+            self.extras[i].clear()
+            self.events[i].clear()
+            if start.seed is None and start.rng is None:
+                self.begin[i] = -1
+                self.why[i] = ("the env has no np_random to restore before its unseeded "
+                               "reset")
+
+    def end(self, env_ids, why: str) -> None:
+        """These envs' episodes ended without a reset reported (truncated by a failure,
+        out of play): nothing to resume until their next reset."""
+        for i in env_ids:
+            self.begin[i] = -1
+            self.starts[i] = None
+            self.why[i] = why
+
+    def event(self, env_ids, op: str, payload) -> None:
+        """A call (``OP_CALL``: name, args, kwargs) or set_attr made on these envs."""
+        for i in env_ids:
+            if self.begin[i] < 0:
+                continue
+            events = self.events[i]
+            if len(events) >= self.cap:
+                self.end([i], f"more than max_replay_steps={self.cap} calls in one episode")
+                continue
+            events.append((int(self.t - self.begin[i]), op, payload))
+
+    # -- reading ---------------------------------------------------------------------------
+    def steps(self, i: int) -> int:
+        return int(self.t - self.begin[i]) if self.begin[i] >= 0 else -1
+
+    def plan(self, i: int, fallback_seed, digest: bytes, want_info: bool = False):
+        """Env ``i``'s REPLAY plan: a Replay of its episode, or Fresh with the reason."""
+        if self.begin[i] < 0:
+            return Fresh(fallback_seed, self.why[i])
+        n = self.steps(i)
+        if n > self.cap:
+            return Fresh(fallback_seed, f"its episode is {n} steps long, more than "
+                                        f"max_replay_steps={self.cap}")
+        rows = np.arange(self.begin[i], self.t) % self.cap
+        b = int(self.begin[i])
+        return Replay(
+            start=self.starts[i],
+            actions=[None if log is None else log[rows, i] for log in self.acts],
+            extras={s - b: v for s, v in self.extras[i].items() if s >= b},
+            events=list(self.events[i]),
+            reward=self.reward[rows, i].copy(), terminated=self.terminated[rows, i].copy(),
+            truncated=self.truncated[rows, i].copy(), digest=digest,
+            fallback_seed=fallback_seed, want_info=want_info)
+
+    # -- a whole job (FastVectorEnv.state_dict / load_state_dict) --------------------------
+    def export(self, i: int, digest: bytes) -> dict | None:
+        """Env ``i``'s episode as plain data (None: not resumable)."""
+        plan = self.plan(i, None, digest)
+        if isinstance(plan, Fresh):
+            return {"why": plan.why}
+        return {"start": plan.start, "actions": plan.actions, "extras": plan.extras,
+                "events": plan.events, "reward": plan.reward, "terminated": plan.terminated,
+                "truncated": plan.truncated, "digest": digest}
+
+    def load(self, i: int, episode: dict) -> None:
+        """Put an exported episode back as env ``i``'s, ending at the current clock."""
+        if "start" not in episode:
+            self.end([i], episode.get("why", "not resumable"))
+            return
+        n = len(episode["reward"])
+        if n > self.cap:
+            self.end([i], f"its episode is {n} steps long, more than max_replay_steps="
+                          f"{self.cap}")
+            return
+        # Rows for this env's episode go just before the clock; advance it so that they
+        # do not wrap over rows of the envs already loaded.
+        self.started({i: episode["start"]})
+        self.begin[i] = self.t - n
+        rows = np.arange(self.begin[i], self.t) % self.cap
+        for log, acts in zip(self.acts, episode["actions"]):
+            if log is not None:
+                log[rows, i] = acts
+        self.reward[rows, i] = episode["reward"]
+        self.terminated[rows, i] = episode["terminated"]
+        self.truncated[rows, i] = episode["truncated"]
+        self.extras[i] = {s + int(self.begin[i]): v for s, v in episode["extras"].items()}
+        self.events[i] = list(episode["events"])
