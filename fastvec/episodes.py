@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastvec.replay import Fresh, Replay, Start
+from fastvec.replay import OP_CALL, Fresh, Replay, Start
 
 
 class EpisodeLog:
@@ -80,16 +80,18 @@ class EpisodeLog:
             self.starts[i] = None
             self.why[i] = why
 
-    def event(self, env_ids, op: str, payload) -> None:
-        """A call (``OP_CALL``: name, args, kwargs) or set_attr made on these envs."""
-        for i in env_ids:
+    def event(self, op: str, payload) -> None:
+        """A call made on every env (``OP_CALL``: name, args, kwargs) or a set_attr
+        (``OP_SET_ATTR``: name, one value per env)."""
+        for i in range(self.num_envs):
             if self.begin[i] < 0:
                 continue
             events = self.events[i]
             if len(events) >= self.cap:
                 self.end([i], f"more than max_replay_steps={self.cap} calls in one episode")
                 continue
-            events.append((int(self.t - self.begin[i]), op, payload))
+            mine = payload if op == OP_CALL else (payload[0], payload[1][i])
+            events.append((int(self.t - self.begin[i]), op, mine))
 
     # -- reading ---------------------------------------------------------------------------
     def steps(self, i: int) -> int:

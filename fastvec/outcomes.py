@@ -212,9 +212,17 @@ class Outcomes:
                 user_errors.append((slot, failure))  # the env raised: the worker lives on
             else:
                 crashed.append((slot, failure))
-        # A worker that died, froze or hung in this reset: its replacement replays the
-        # reset (the user's seeds and options for the masked envs, derived seeds for the
-        # others of that worker, which lose their episode and are flagged).
+        # A worker that died, froze or hung in this reset: with resume, its replacement
+        # replays its envs' episodes and the reset is re-sent (fastvec/resume.py); else (or
+        # if that fails again) the replacement replays the reset (the user's seeds and
+        # options for the masked envs, derived seeds for the others of that worker, which
+        # lose their episode and are flagged).
+        infos: dict = {}
+        resumed, replaced_once, fresh = [], [], []
+        if crashed and self.resume is not None:
+            resumed, crashed, replaced_once, errors, fresh = self.resume.reset(
+                r, crashed, mask, p.seeds, p.options, env_ring, infos)
+            user_errors += errors
         items = []
         for slot, failure in crashed:
             pos = [j for j, i in enumerate(slot.env_indices) if mask[i]]
@@ -229,14 +237,15 @@ class Outcomes:
         if user_errors:
             raise_user_error(*user_errors[0])
 
-        infos: dict = {}
         replaced = {slot for slot, _ in crashed if slot.disabled is None}
         keep = ~mask
+        keep[fresh] = False  # envs outside the mask that could not be resumed: new episodes
         for slot in p.slots:
             if slot in replaced:
                 keep[list(slot.env_indices)] = False
             if slot.disabled is None:
                 self.replies.collect(slot, infos, r)
+        crashed = crashed + replaced_once
         for slot, failure in crashed:
             flag = disabled_flag(slot.disabled) if slot.disabled else restart_flag(failure)
             for i in slot.env_indices:
@@ -251,15 +260,22 @@ class Outcomes:
             elif slot.lost is not None and all(mask[i] for i in slot.env_indices):
                 slot.lost = None  # its envs were just reset: nothing left to report
         self.obs.carry(np.flatnonzero(keep), r, env_ring)
-        return infos, keep, crashed
+        return infos, keep, crashed + resumed
 
     # -- call ------------------------------------------------------------------------------
-    def call(self, failed: list[Slot], results: bool = True) -> tuple | None:
+    def call(self, failed: list[Slot], results: bool = True, request: tuple | None = None,
+             r: int = 0, env_ring: np.ndarray | None = None) -> tuple | None:
         """A call's results, one per env (None for a disabled env), after its ``failed``
         workers: the env's own exception raised with its type; a worker that is gone
-        replaced (its envs' episodes are lost: the next step reports them), then raised."""
+        replaced and, with resume, its envs replayed and the call (``request``: opcode and
+        payload per slot) re-sent, scratch rows in ring slot ``r``; else (or if that fails
+        again) its envs' episodes are lost (the next step reports them) and it is raised."""
         errors = [(slot, self.sup.dispatch.failure_of(slot)) for slot in failed]
         crashed = [(s, f) for s, f in errors if f.reason not in ("exception", "mismatch")]
+        if crashed and self.resume is not None and request is not None:
+            _, crashed, replaced, user = self.resume.call(r, crashed, *request, env_ring)
+            errors = [(s, f) for s, f in errors if f.reason in ("exception", "mismatch")]
+            errors += user + crashed + replaced
         if crashed:
             self.recovery.replace([(s, f, ReplacementPlan(when=When.NEXT)) for s, f in crashed])
             for slot, failure in crashed:

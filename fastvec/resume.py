@@ -35,7 +35,7 @@ from fastvec.layout import Views
 from fastvec.observations import ObservationRing
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
-from fastvec.replay import Outcome, obs_digest
+from fastvec.replay import Fresh, Outcome, obs_digest
 from fastvec.shm import get_pickle, put_pickle
 from fastvec.supervisor import Slot, Supervisor
 
@@ -79,26 +79,19 @@ class Resume:
         the ring and whose infos are in ``infos``; pairs that failed again (the caller
         replaces and truncates them as without resume); pairs out of play (the
         replacement spent the budget; already replaced)."""
-        self.recovery.replace([(s, f, ReplacementPlan(when=When.REPLAY)) for s, f in crashed])
-        disabled = [(s, f) for s, f in crashed if s.disabled is not None]
-        live = [(s, f) for s, f in crashed if s.disabled is None]
-        last = {i: self.obs.row(env_ring[i], i) for s, _ in live for i in s.env_indices}
-        plans = {s: [self.log.plan(i, seed, self.digest(env_ring[i], i))
-                     for i, seed in zip(s.env_indices, self.recovery.derived_seeds(s))]
-                 for s, _ in live}
-        outcomes, again = self._replay(r, plans)
-        masks = {}
-        for slot, _ in live:
-            if slot in again:
-                continue
-            masks[slot] = sum(1 << j for j, (i, o) in enumerate(zip(slot.env_indices,
-                                                                    outcomes[slot]))
-                              if o.resumed or self.same_step or (self.next_step and due[i]))
-        sent = [s for s, m in masks.items() if m]
-        self.sup.dispatch.send([(s, _ring.OP_STEP, r, self.pickled_actions(s), masks[s])
-                                for s in sent])
-        for slot in self.sup.dispatch.wait(sent, None):
-            failure = self.sup.dispatch.failure_of(slot)
+        last = {i: self.obs.row(env_ring[i], i) for s, _ in crashed for i in s.env_indices}
+
+        def plans(slot: Slot) -> list:
+            return [self.log.plan(i, seed, self.digest(env_ring[i], i))
+                    for i, seed in zip(slot.env_indices, self.recovery.derived_seeds(slot))]
+
+        def resend(slot: Slot, outcomes: list):  # the step, to the envs it goes on with
+            mask = sum(1 << j for j, (i, o) in enumerate(zip(slot.env_indices, outcomes))
+                       if o.resumed or self.same_step or (self.next_step and due[i]))
+            return (_ring.OP_STEP, self.pickled_actions(slot), mask) if mask else None
+
+        live, outcomes, again, disabled, sent, errors = self._rebuild(r, crashed, plans, resend)
+        for slot, failure in errors.items():
             if failure.reason == "mismatch":
                 raise failure_error(slot, failure, "in step")
             again[slot] = _again(failure, "in the step re-sent after its replay")
@@ -109,9 +102,115 @@ class Resume:
                 continue
             resumed.append((slot, failure))
             self._report(slot, failure, r, outcomes[slot], env_ring, due, last, infos)
-            if masks[slot]:  # the re-sent step's reply: its envs' infos (and new episodes)
+            if slot in sent:  # the re-sent step's reply: its envs' infos (and new episodes)
                 self.replies.collect(slot, infos, r)
         return resumed, [(s, again[s]) for s, _ in live if s in again], disabled
+
+    # -- a reset or a call that met failed workers ------------------------------------------
+    def reset(self, r: int, crashed: list, mask: np.ndarray, seeds: list, options,
+              env_ring: np.ndarray, infos: dict) -> tuple[list, list, list, list, list]:
+        """A reset whose ``crashed`` workers are replaced: each env the reset leaves alone
+        is replayed to where it was; each env it resets without a seed is replayed first,
+        so that its reset draws from the RNG it had; then the reset is re-sent. Returns
+        ``(resumed, again, disabled)`` as :meth:`step` does, the (slot, failure) of env
+        exceptions the re-sent reset raised (the user's), and the envs outside the mask
+        that could not be resumed (they began a new episode in the re-sent reset)."""
+        def plans(slot: Slot) -> list:
+            out = []
+            for i, seed in zip(slot.env_indices, self.recovery.derived_seeds(slot)):
+                if mask[i] and seeds[i] is not None:
+                    out.append(Fresh(None, "reset with a seed"))
+                else:
+                    out.append(self.log.plan(i, seed, self.digest(env_ring[i], i)))
+            return out
+
+        def resend(slot: Slot, outcomes: list):  # the reset, and fresh episodes for the lost
+            bits = sum(1 << j for j, (i, o) in enumerate(zip(slot.env_indices, outcomes))
+                       if mask[i] or not o.resumed)
+            payload = ([seeds[i] if mask[i] else None for i in slot.env_indices],
+                       [options if mask[i] else None for i in slot.env_indices])
+            n = put_pickle(slot.payload, payload, self.opts.max_payload_bytes)
+            return _ring.OP_RESET, n, bits
+
+        live, outcomes, again, disabled, _, errors = self._rebuild(r, crashed, plans, resend)
+        user_errors = []
+        for slot, failure in errors.items():
+            if failure.reason == "mismatch":
+                raise failure_error(slot, failure, "in reset")
+            if failure.reason == "exception":
+                user_errors.append((slot, failure))
+            else:
+                again[slot] = _again(failure, "in the reset re-sent after its replay")
+        resumed, fresh = [], []
+        for slot, failure in live:
+            if slot in again:
+                continue
+            resumed.append((slot, failure))
+            for i, o in zip(slot.env_indices, outcomes[slot]):
+                # a reset with a seed loses nothing; one without loses the RNG it had
+                self._flag(slot, failure, i, o, infos, lost=not mask[i] or seeds[i] is None)
+                if not mask[i] and not o.resumed:
+                    fresh.append(i)
+        again_pairs = [(s, again[s]) for s, _ in live if s in again]
+        return resumed, again_pairs, disabled, user_errors, fresh
+
+    def call(self, r: int, crashed: list, op: int, payload_of: Callable[[Slot], object],
+             env_ring: np.ndarray) -> tuple[list, list, list, list]:
+        """A call whose ``crashed`` workers are replaced: their envs are replayed to where
+        they were (scratch observations into ring slot ``r``, the next step's) and the call
+        is re-sent (its real result returned). Returns
+        ``(resumed, again, disabled, user_errors)`` as :meth:`reset` does; envs that could
+        not be resumed are ``slot.lost`` (the next step reports them truncated)."""
+        def plans(slot: Slot) -> list:
+            return [self.log.plan(i, seed, self.digest(env_ring[i], i))
+                    for i, seed in zip(slot.env_indices, self.recovery.derived_seeds(slot))]
+
+        def resend(slot: Slot, outcomes: list):
+            return op, put_pickle(slot.payload, payload_of(slot),
+                                  self.opts.max_payload_bytes), None
+
+        live, outcomes, again, disabled, _, errors = self._rebuild(r, crashed, plans, resend)
+        user_errors = []
+        for slot, failure in errors.items():
+            if failure.reason in ("exception", "mismatch"):
+                user_errors.append((slot, failure))
+            else:
+                again[slot] = _again(failure, "in the call re-sent after its replay")
+        resumed = []
+        for slot, failure in live:
+            if slot in again:
+                slot.not_resumed["crash repeated"] += len(slot.env_indices)
+                continue
+            resumed.append((slot, failure))
+            lost = [o.why for o in outcomes[slot] if not o.resumed]
+            slot.resumed += len(outcomes[slot]) - len(lost)
+            if lost:  # reported by the next step, as a call's lost worker always was
+                slot.not_resumed.update(_kind(why) for why in lost)
+                slot.lost = Failure(failure.reason, f"{failure.detail}; not resumed: "
+                                    f"{lost[0]}", exitcode=failure.exitcode)
+        return resumed, [(s, again[s]) for s, _ in live if s in again], disabled, user_errors
+
+    def _rebuild(self, r: int, crashed: list, plans_of, resend):
+        """Replace the ``crashed`` workers (no reset), replay ``plans_of(slot)`` into ring
+        slot ``r``, then send ``resend(slot, outcomes)`` -> (op, payload bytes, mask) or
+        None. Returns (live pairs, {slot: [Outcome]}, {slot: failure} that failed in the
+        replay, disabled pairs, slots re-sent, {slot: failure} of their re-sent request)."""
+        self.recovery.replace([(s, f, ReplacementPlan(when=When.REPLAY)) for s, f in crashed])
+        disabled = [(s, f) for s, f in crashed if s.disabled is not None]
+        live = [(s, f) for s, f in crashed if s.disabled is None]
+        outcomes, again = self._replay(r, {s: plans_of(s) for s, _ in live})
+        requests = []
+        for slot, _ in live:
+            if slot not in again:
+                req = resend(slot, outcomes[slot])
+                if req is not None:
+                    op, n, mask = req
+                    requests.append((slot, op, r, n, mask))
+        self.sup.dispatch.send(requests)
+        sent = [q[0] for q in requests]
+        errors = {slot: self.sup.dispatch.failure_of(slot)
+                  for slot in self.sup.dispatch.wait(sent, None)}
+        return live, outcomes, again, disabled, set(sent), errors
 
     def _replay(self, r: int, plans: dict) -> tuple[dict, dict]:
         """Send each slot its REPLAY plans; ({slot: [Outcome]}, {slot: failure} of the
@@ -138,20 +237,29 @@ class Resume:
         """The rows and infos of a resumed slot's envs in ring slot ``r``."""
         v = self.views
         for i, o in zip(slot.env_indices, outcomes):
+            self._flag(slot, failure, i, o, infos)
             if o.resumed:
-                slot.resumed += 1
-                self._add_info(infos, resumed_info(failure.text()), i)
                 continue
-            slot.not_resumed[_kind(o.why)] += 1
-            self.log.end([i], o.why)
             if self.same_step:  # its new episode began in the re-sent step
                 v.reward[r, i], v.terminated[r, i], v.truncated[r, i] = 0.0, False, True
                 self._add_info(infos, {"final_obs": last[i], "final_info": {}}, i)
             elif not (self.next_step and due[i]):  # else this step was its reset step
                 v.reward[r, i], v.terminated[r, i], v.truncated[r, i] = 0.0, False, True
                 self.obs.carry([i], r, env_ring)
-            self._add_info(infos, restart_flag(Failure(
-                failure.reason, f"{failure.detail}; not resumed: {o.why}")), i)
+
+    def _flag(self, slot: Slot, failure: Failure, i: int, o: Outcome, infos: dict,
+              lost: bool = True) -> None:
+        """Env ``i``'s flag and counts: resumed, or its episode ended (``lost``: it had
+        one going, which the log now forgets) and why."""
+        if o.resumed or not lost:
+            if o.resumed:
+                slot.resumed += 1
+            self._add_info(infos, resumed_info(failure.text()), i)
+            return
+        slot.not_resumed[_kind(o.why)] += 1
+        self.log.end([i], o.why)
+        self._add_info(infos, restart_flag(Failure(
+            failure.reason, f"{failure.detail}; not resumed: {o.why}")), i)
 
     # -- a whole job -------------------------------------------------------------------------
     def export(self, env_ring: np.ndarray, due: np.ndarray, needs_reset: np.ndarray,

@@ -127,6 +127,8 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
     _sup: Supervisor | None = None
     _first_ready: FirstReady | None = None  # send/recv (batch_size set)
     _waiting = 0  # calls of any thread waiting for workers (close() from another wakes them)
+    _event: tuple | None = None  # the call or set_attr in flight, for the episode log
+    _request: tuple | None = None  # (opcode, payload of a slot) of the call in flight
     _waiter = 0  # the thread that entered the latest of them
 
     def __init__(
@@ -424,8 +426,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         self._assert_idle("call_async")
         assert_callable(name)
         self._send_to_all(_ring.OP_CALL, lambda slot: (name, args, kwargs))
-        if self._episodes is not None:  # replayed in order if a worker is lost
-            self._episodes.event(self._all_envs, OP_CALL, (name, args, kwargs))
+        self._event = (OP_CALL, (name, args, kwargs))
         self._state = State.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
@@ -435,6 +436,12 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         self._assert_waiting(State.WAITING_CALL, "call_wait", "call_async")
         return self._gather_calls(self._sup.dispatch.wait(self._pending, timeout))
 
+    def _log_call(self) -> None:
+        """A call or set_attr reached the envs: their episode logs replay it, in order."""
+        if self._episodes is not None and self._event is not None:
+            self._episodes.event(*self._event)
+        self._event = None
+
     def get_attr(self, name: str) -> tuple[Any, ...]:
         return self.call(name)
 
@@ -443,9 +450,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         values = attr_values(values, self.num_envs)
         self._send_to_all(_ring.OP_SET_ATTR,
                           lambda slot: (name, [values[i] for i in slot.env_indices]))
-        if self._episodes is not None:
-            for i in self._all_envs:
-                self._episodes.event([i], OP_SET_ATTR, (name, values[i]))
+        self._event = (OP_SET_ATTR, (name, values))
         self._state = State.WAITING_CALL
         self._guarded(lambda: self._gather_calls(self._sup.dispatch.wait(self._pending, None),
                                                  results=False))
@@ -457,10 +462,16 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         # every payload fitted: send
         self._sup.dispatch.send([(slot, op, 0, n, None) for slot, n in zip(slots, sizes)])
         self._pending = slots
+        self._request = (op, payload_of)  # re-sent to a worker resumed (fastvec/resume.py)
 
     def _gather_calls(self, failed: list[Slot], results: bool = True):
         self._state = State.DEFAULT
-        return self._outcomes.call(failed, results)
+        try:
+            return self._outcomes.call(failed, results, self._request,
+                                       (self._ring + 1) % self.options.ring_depth,
+                                       self._env_ring)
+        finally:
+            self._log_call()
 
     # -- closing ---------------------------------------------------------------------------------
     def close_extras(self, timeout: float | None = None, terminate: bool = False, **kwargs) -> None:

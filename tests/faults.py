@@ -335,3 +335,14 @@ class ScaledEnv(CounterEnv):
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)
         return obs, reward * self.scale, terminated, truncated, info
+
+
+class CallOnceEnv(ResetFaultEnv):
+    """ResetFaultEnv whose ``die_once(marker)`` SIGKILLs its process the first time only
+    (per marker file): a call that a replayed worker can answer."""
+
+    def die_once(self, marker: str) -> int:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            do_fault("sigkill")
+        return int(self._state[1])

@@ -58,16 +58,15 @@ def test_a_new_vector_env_goes_on_where_the_saved_one_was(name, envs_per_worker,
         drive(a, actions, 37, mode)
         state = pickle.loads(pickle.dumps(a.state_dict()))
         assert len(pickle.dumps(state)) < 64 * 1024, "a state_dict is small"
-        last = a.step(actions.sample())  # the saved env keeps going...
-        expected = [last]
-        drive(a, actions, 40, mode, expected)
+        expected = []  # the saved env keeps going...
+        drive(a, actions, 41, mode, expected)
         actions.seed(5)  # ...and the new one is given the same actions from the save on
         for _ in range(37):
             actions.sample()
         obs, infos = b.load_state_dict(state)
         assert infos["_worker_resumed"].all(), infos
-        got = [b.step(actions.sample())]
-        drive(b, actions, 40, mode, got)
+        got = []
+        drive(b, actions, 41, mode, got)
         assert len(got) == len(expected)
         for t, (e, g) in enumerate(zip(expected, got)):
             assert_same(e[:-1], g[:-1], f"call {t} after the load")

@@ -176,7 +176,7 @@ def test_crash_in_reset_replays_it_with_the_users_options(tmp_path):
     try:
         env.reset(seed=0)
         obs, info = env.reset(seed=5, options={"crash": True, "level": 3})
-        assert info["_worker_restarted"].any()  # both may race for the one-shot marker
+        assert any(replaced(info, 2))  # both may race for the one-shot marker
         for i in range(2):  # the replayed reset got the user's options (infos nest dicts)
             assert info["options"]["crash"][i] and info["options"]["level"][i] == 3
     finally:
@@ -187,7 +187,8 @@ def test_crash_in_masked_reset_resets_and_flags_the_workers_other_envs(tmp_path)
     """envs_per_worker=2, reset_mask covers env 0 only, env 0 crashes its worker: env 1 lost
     its episode too; it must come back reset and flagged, not with its old observation."""
     env = FastVectorEnv([functools.partial(ResetFaultEnv, str(tmp_path / "m"))] * 4,
-                        envs_per_worker=2, autoreset_mode=AutoresetMode.DISABLED)
+                        envs_per_worker=2, autoreset_mode=AutoresetMode.DISABLED,
+                        resume="off")  # with resume, env 1 goes on: tests/test_resume.py
     try:
         env.reset(seed=0)
         for _ in range(3):

@@ -18,9 +18,9 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import batch_space
 
 from conftest import wait_until
-from faults import (CommandFault, CounterEnv, CrashesAtEnv, EntropyEnv, ScaledEnv,
-                    SlowStepEnv)
-from fastvec import FastVectorEnv
+from faults import (CallFaultEnv, CallOnceEnv, CommandFault, CounterEnv, CrashesAtEnv,
+                    EntropyEnv, ResetFaultEnv, ScaledEnv, SlowStepEnv)
+from fastvec import FastVectorEnv, WorkerFailure
 from test_equivalence import assert_same
 
 pytestmark = pytest.mark.timeout(180)
@@ -300,3 +300,71 @@ def _stop_when_replaying(slot, generation):
     t = Stopper(daemon=True)
     t.start()
     return t
+
+
+@pytest.mark.parametrize("envs_per_worker", [1, 2])
+def test_a_crash_in_a_reset_resumes_the_workers_other_envs(envs_per_worker, tmp_path):
+    """A worker dies in a masked, unseeded reset: the env it resets draws from the RNG it
+    had (its episode is replayed first) and the env outside the mask goes on where it was;
+    both equal to SyncVectorEnv. Before: the other env lost its episode (derived seed)."""
+    (tmp_path / "sync").touch()
+    sync = SyncVectorEnv([functools.partial(ResetFaultEnv, str(tmp_path / "sync"))] * 4,
+                         autoreset_mode=AutoresetMode.DISABLED)
+    fast = FastVectorEnv([functools.partial(ResetFaultEnv, str(tmp_path / "m"))] * 4,
+                         envs_per_worker=envs_per_worker,
+                         autoreset_mode=AutoresetMode.DISABLED)
+    try:
+        a = np.ones(4, np.int64)
+        assert_same(sync.reset(seed=[1, 2, 3, 4]), fast.reset(seed=[1, 2, 3, 4]), "reset")
+        for t in range(3):
+            assert_same(sync.step(a), fast.step(a), f"step {t}")
+        def kwargs():  # SyncVectorEnv pops reset_mask from the options it is given
+            return {"options": {"reset_mask": np.array([True, False, False, False]),
+                                "crash": True}}
+        expected, got = sync.reset(**kwargs()), fast.reset(**kwargs())
+        assert_same(expected[0], got[0], "the reset's observations")
+        assert got[1]["_worker_resumed"].tolist() == [True] * envs_per_worker + [False] * (
+            4 - envs_per_worker)
+        assert "worker_restarted" not in got[1]
+        for t in range(5):
+            assert_same(sync.step(a), fast.step(a), f"step {t} after")
+    finally:
+        fast.close()
+        sync.close()
+
+
+def test_a_worker_lost_in_a_call_answers_it_after_its_replay(tmp_path):
+    """call() meets a worker that dies: its replacement replays the episode and answers the
+    call; no exception, nothing truncated. Before: WorkerFailure, and the next step
+    reported the env's episode truncated."""
+    sync = SyncVectorEnv([CallOnceEnv] * 2)
+    fast = FastVectorEnv([CallOnceEnv] * 2)
+    try:
+        a = np.ones(2, np.int64)
+        (tmp_path / "sync").touch()
+        assert_same(sync.reset(seed=1), fast.reset(seed=1), "reset")
+        for t in range(4):
+            assert_same(sync.step(a), fast.step(a), f"step {t}")
+        assert fast.call("die_once", str(tmp_path / "m")) == (4, 4)
+        assert sync.call("die_once", str(tmp_path / "sync")) == (4, 4)
+        assert sum(h["resumed"] for h in fast.health()) == 1
+        for t in range(5):
+            expected, got = sync.step(a), fast.step(a)
+            assert_same(expected, got, f"step {t} after")
+    finally:
+        fast.close()
+        sync.close()
+
+
+def test_a_call_that_crashes_again_raises_and_the_next_step_truncates():
+    env = FastVectorEnv([CallFaultEnv] * 2)
+    try:
+        env.reset(seed=0)
+        env.step(np.ones(2, np.int64))
+        with pytest.raises(WorkerFailure, match="again, in the call re-sent"):
+            env.call("die")
+        *_, trunc, info = env.step(np.ones(2, np.int64))
+        assert trunc.all() and info["_worker_restarted"].all()
+        assert all(h["not_resumed"] == {"crash repeated": 1} for h in env.health())
+    finally:
+        env.close()
