@@ -16,6 +16,8 @@ Importing ``fastvec`` never imports this module; this module imports SB3 (and so
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -23,14 +25,17 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
+from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.env_util import is_wrapped
+from stable_baselines3.common.vec_env import (VecCheckNan, VecEnvWrapper, VecMonitor,
+                                              VecNormalize, VecTransposeImage)
 from stable_baselines3.common.vec_env.base_vec_env import (VecEnv, VecEnvIndices, VecEnvObs,
                                                            VecEnvStepReturn)
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
 from fastvec.vector_env import FastVectorEnv
 
-__all__ = ["SB3VecEnv"]
+__all__ = ["SB3VecEnv", "EnvCheckpointCallback", "load_env_state"]
 
 _INFO = "sb3_info"  # the boxed info dict of one env, in FastVectorEnv's batched infos
 _OPTIONS = "fastvec_sb3_options"  # reset options: the list of per-env options
@@ -197,6 +202,23 @@ class SB3VecEnv(VecEnv):
     def closed(self) -> bool:
         return self._venv is None or self._venv.closed
 
+    def state_dict(self) -> dict:
+        """Every env's episode so far (``FastVectorEnv.state_dict``), to save with the model."""
+        return self._venv.state_dict()
+
+    def load_state_dict(self, state: dict) -> VecEnvObs:
+        """Replay each env's saved episode (``FastVectorEnv.load_state_dict``); returns the
+        current observations, as ``reset()`` does, and fills ``reset_infos``."""
+        obs, infos = self._venv.load_state_dict(state)
+        self.reset_infos = []
+        for i in range(self.num_envs):
+            entry = _unbatch(infos, i)
+            info = dict(_unbox(entry))
+            entry.pop(_INFO, None)
+            info.update(entry)
+            self.reset_infos.append(info)
+        return obs
+
     # -- the SB3 contract ----------------------------------------------------------------
     def reset(self) -> VecEnvObs:
         if self._waiting:  # SB3: a reset cancels a pending step; drop its results
@@ -289,3 +311,72 @@ class SB3VecEnv(VecEnv):
             out.append(None if results is None else results[taken[i]])
             taken[i] += 1
         return out
+
+
+# -- checkpoints: the env state next to the model ------------------------------------------
+
+# Wrappers load_env_state can see through: how each turns the observations a reset returns
+# into what the model was given.
+_PASS_THROUGH = (VecMonitor, VecCheckNan)
+
+
+def _chain(env) -> tuple[SB3VecEnv, list]:
+    wrappers = []
+    while isinstance(env, VecEnvWrapper):
+        wrappers.append(env)
+        env = env.venv
+    if not isinstance(env, SB3VecEnv):
+        raise TypeError(f"the model's env is {type(env).__name__}, not fastvec.sb3.SB3VecEnv "
+                        "(under VecEnvWrappers): only a fastvec env has a state to save")
+    return env, wrappers
+
+
+class EnvCheckpointCallback(CheckpointCallback):
+    """SB3's ``CheckpointCallback`` that also writes the fastvec env's state next to each
+    model checkpoint: ``<name_prefix>_fastvec_env_<steps>_steps.pkl`` beside
+    ``<name_prefix>_<steps>_steps.zip``. Restart with :func:`load_env_state`."""
+
+    def _on_step(self) -> bool:
+        due = self.n_calls % self.save_freq == 0
+        go_on = super()._on_step()
+        if due:
+            venv, _ = _chain(self.training_env)
+            path = self._checkpoint_path("fastvec_env_", extension="pkl")
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(venv.state_dict(), f)
+            os.replace(tmp, path)  # never a half-written state beside a whole model
+            if self.verbose >= 2:
+                print(f"Saving fastvec env state to {path}")
+        return go_on
+
+
+def load_env_state(model, path: str) -> VecEnvObs:
+    """Put a saved env state (:class:`EnvCheckpointCallback`) back into ``model``'s env, a
+    fresh ``SB3VecEnv`` built with the same env fns: every env replayed to where it was,
+    and the model's next rollout starting from those observations. Then call
+    ``model.learn(..., reset_num_timesteps=False)``: it does not reset the env.
+
+    Sees through ``VecMonitor``, ``VecCheckNan``, ``VecTransposeImage`` and ``VecNormalize``
+    (whose statistics you load yourself, with ``VecNormalize.load``); another wrapper
+    between the model and the env raises ``TypeError``.
+    """
+    venv, wrappers = _chain(model.get_env())
+    for w in wrappers:
+        if not isinstance(w, (*_PASS_THROUGH, VecTransposeImage, VecNormalize)):
+            raise TypeError(f"load_env_state cannot rebuild what {type(w).__name__} makes of "
+                            "the observations; load the state with SB3VecEnv.load_state_dict "
+                            "and set the model's _last_obs yourself")
+    with open(path, "rb") as f:
+        obs = venv.load_state_dict(pickle.load(f))
+    original = obs
+    for w in reversed(wrappers):  # innermost first, as a reset passes through them
+        if isinstance(w, VecTransposeImage):
+            obs = w.transpose_observations(obs)
+        elif isinstance(w, VecNormalize):
+            w.old_obs = original = obs
+            obs = w.normalize_obs(obs)
+    model._last_obs = obs
+    model._last_original_obs = original
+    model._last_episode_starts = np.zeros(venv.num_envs, dtype=bool)
+    return obs

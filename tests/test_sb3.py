@@ -22,7 +22,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.monitor import Monitor  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize  # noqa: E402
 
-from fastvec.sb3 import SB3VecEnv  # noqa: E402
+from fastvec.sb3 import EnvCheckpointCallback, SB3VecEnv, load_env_state  # noqa: E402
 
 N = 4
 
@@ -263,8 +263,24 @@ class KillWorker(BaseCallback):
         return True
 
 
-def test_ppo_keeps_learning_when_a_worker_is_killed():
+def test_ppo_keeps_learning_when_a_worker_is_killed_and_resumes_the_episode():
     venv = SB3VecEnv([cartpole] * N, step_timeout=30.0)
+    try:
+        venv.seed(0)
+        cb = KillWorker(venv, w=1, at=20)
+        model = _ppo(venv).learn(total_timesteps=1024, callback=cb)
+        assert model.num_timesteps >= 1024
+        resumed = [s for s in cb.seen if s[0].get("worker_resumed")]
+        assert len(resumed) == 1 and not any(s[0].get("worker_restarted") for s in cb.seen)
+        info, done, reward = resumed[0]
+        assert reward == 1.0 and info["worker_resumed_reason"].startswith("died")
+        assert venv.health()[1]["resumed"] == 1
+    finally:
+        venv.close()
+
+
+def test_ppo_keeps_learning_when_a_worker_is_killed_without_resume():
+    venv = SB3VecEnv([cartpole] * N, step_timeout=30.0, resume="off")
     try:
         venv.seed(0)
         cb = KillWorker(venv, w=1, at=20)
@@ -310,3 +326,48 @@ def test_disabled_env_is_done_and_truncated_until_reset():
 def test_rejects_what_sb3_cannot_use(kwargs):
     with pytest.raises(ValueError, match="SB3VecEnv needs"):
         SB3VecEnv([cartpole] * 2, **kwargs)
+
+
+class RecordAtSave(EnvCheckpointCallback):
+    """The checkpoint callback, noting the observations the env had at each save."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved_obs: dict[int, np.ndarray] = {}
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            self.saved_obs[self.num_timesteps] = self.locals["new_obs"].copy()
+        return super()._on_step()
+
+
+def test_env_state_is_checkpointed_with_the_model_and_loaded_back(tmp_path):
+    """The model and the env state side by side; a fresh process's env is replayed to the
+    checkpoint and the loaded model's next rollout starts from the same observations."""
+    venv = SB3VecEnv([cartpole] * N)
+    try:
+        venv.seed(0)
+        cb = RecordAtSave(save_freq=16, save_path=str(tmp_path), name_prefix="ppo")
+        _ppo(venv).learn(total_timesteps=128, callback=cb)
+    finally:
+        venv.close()
+    steps = sorted(cb.saved_obs)
+    assert steps and all((tmp_path / f"ppo_{t}_steps.zip").exists() for t in steps)
+    assert all((tmp_path / f"ppo_fastvec_env_{t}_steps.pkl").exists() for t in steps)
+    t = steps[len(steps) // 2]
+    fresh = SB3VecEnv([cartpole] * N)
+    try:
+        model = PPO.load(str(tmp_path / f"ppo_{t}_steps.zip"), env=fresh)
+        obs = load_env_state(model, str(tmp_path / f"ppo_fastvec_env_{t}_steps.pkl"))
+        np.testing.assert_array_equal(obs, cb.saved_obs[t])
+        assert all(info["worker_resumed"] for info in fresh.reset_infos)
+        model.learn(total_timesteps=64, reset_num_timesteps=False)  # no reset: goes on
+        assert model.num_timesteps >= t + 64
+    finally:
+        fresh.close()
+
+
+def test_load_env_state_refuses_an_env_that_is_not_fastvec(tmp_path):
+    model = PPO("MlpPolicy", DummyVecEnv([cartpole]), n_steps=16, batch_size=16)
+    with pytest.raises(TypeError, match="not fastvec.sb3.SB3VecEnv"):
+        load_env_state(model, str(tmp_path / "nothing.pkl"))

@@ -18,7 +18,11 @@ MAX_LINES = 550
 # Underscored names that are public API of the standard library, not anyone's state, and
 # one of gymnasium's: VectorEnv._add_info is how gymnasium batches infos, borrowed
 # (contract.InfoBatcher) so that fastvec's infos batch exactly as SyncVectorEnv's do.
-STDLIB = {("os", "_exit"), ("sys", "_getframe"), ("VectorEnv", "_add_info")}
+STDLIB = {("os", "_exit"), ("sys", "_getframe"), ("VectorEnv", "_add_info"),
+          # Stable-Baselines3 has no public way to hand a loaded model the observations its
+          # next rollout starts from: learn() reads these (fastvec/sb3.py load_env_state).
+          ("model", "_last_obs"), ("model", "_last_original_obs"),
+          ("model", "_last_episode_starts")}
 
 
 def _modules() -> list[Path]:
