@@ -43,6 +43,6 @@ class Checkpoints:
     def _resumer(self, what: str) -> Resume:
         if self._resume is None:
             raise FastVecError(f"{what}() needs the episode log: build the vector env with "
-                               "resume='auto' or 'on' (and without batch_size)")
+                               "resume='auto' (the default), not 'off'")
         return self._resume
 

@@ -12,8 +12,10 @@ Kept in the parent, written once per vector step in a few array copies:
     extras[i]   t -> {leaf: value}: action leaves that travelled pickled (rare)
     events[i]   calls and set_attr made on env i during its episode, replayed in order
 
-``t`` counts lockstep steps. An episode longer than ``cap`` (``max_replay_steps``) has
-lost its first rows and is no longer resumable. The episode an env ended stays logged
+``t`` counts lockstep steps; once first-ready batches (``send``/``recv``) step envs apart,
+each env counts its own (``clock[i]``) and a lockstep step writes each env's row at its
+own clock. An episode longer than ``cap`` (``max_replay_steps``) has lost its first rows
+and is no longer resumable. The episode an env ended stays logged
 until the reset that begins the next one reports its start: a worker lost between the
 two replays it to its end, so the next reset draws from the same RNG state as it would
 have.
@@ -35,6 +37,7 @@ class EpisodeLog:
         self.terminated = np.zeros((cap, num_envs), np.bool_)
         self.truncated = np.zeros((cap, num_envs), np.bool_)
         self.t = 0
+        self.clock: np.ndarray | None = None  # per env, once envs step apart (first-ready)
         self.begin = np.full(num_envs, -1, np.int64)
         self.starts: list[Start | None] = [None] * num_envs
         self.why: list[str] = ["the env has not been reset yet"] * num_envs
@@ -45,6 +48,9 @@ class EpisodeLog:
     def record(self, views, r: int, pickled: dict) -> None:
         """Log the lockstep step whose results sit in ring slot ``r`` (actions: the rows
         in shared memory; ``pickled``: env -> {leaf: value} of what travelled pickled)."""
+        if self.clock is not None:
+            self.record_envs(views, [r] * self.num_envs, range(self.num_envs), pickled)
+            return
         row = self.t % self.cap
         for log, act in zip(self.acts, views.act):
             if log is not None:
@@ -53,18 +59,46 @@ class EpisodeLog:
         self.terminated[row] = views.terminated[r]
         self.truncated[row] = views.truncated[r]
         for i, leaves in pickled.items():
-            extras = self.extras[i]
-            extras[self.t] = leaves
-            if len(extras) > self.cap:  # an endless episode: keep the rows still logged
-                for old in [s for s in extras if s <= self.t - self.cap]:
-                    del extras[old]
+            self._extra(i, self.t, leaves)
         self.t += 1
+
+    def record_envs(self, views, rings, env_ids, pickled: dict) -> None:
+        """Log one step of each env ``env_ids[j]``, whose results sit in ring slot
+        ``rings[j]`` (first-ready batches: each env at its own clock)."""
+        if self.clock is None:
+            self.clock = np.full(self.num_envs, self.t, np.int64)
+        for r, i in zip(rings, env_ids):
+            row = self.clock[i] % self.cap
+            for log, act in zip(self.acts, views.act):
+                if log is not None:
+                    log[row, i] = act[i]
+            self.reward[row, i] = views.reward[r, i]
+            self.terminated[row, i] = views.terminated[r, i]
+            self.truncated[row, i] = views.truncated[r, i]
+            if pickled.get(i):
+                self._extra(i, int(self.clock[i]), pickled[i])
+            self.clock[i] += 1
+
+    def _extra(self, i: int, t: int, leaves: dict) -> None:
+        extras = self.extras[i]
+        extras[t] = leaves
+        if len(extras) > self.cap:  # an endless episode: keep the rows still logged
+            for old in [s for s in extras if s <= t - self.cap]:
+                del extras[old]
+
+    def rewind(self, t: int) -> None:
+        """Every env's clock at ``t`` again (load_state_dict: all envs in step)."""
+        self.t, self.clock = t, None
+
+    def now(self, i: int) -> int:
+        """Env ``i``'s clock: the row its next step goes to (before the ring wraps)."""
+        return self.t if self.clock is None else int(self.clock[i])
 
     def started(self, starts: dict) -> None:
         """Episodes that began (env -> Start): their first step is the next one."""
         for i, start in starts.items():
             self.starts[i] = start
-            self.begin[i] = self.t
+            self.begin[i] = self.now(i)
             self.extras[i].clear()
             self.events[i].clear()
             if start.seed is None and start.rng is None:
@@ -91,11 +125,11 @@ class EpisodeLog:
                 self.end([i], f"more than max_replay_steps={self.cap} calls in one episode")
                 continue
             mine = payload if op == OP_CALL else (payload[0], payload[1][i])
-            events.append((int(self.t - self.begin[i]), op, mine))
+            events.append((int(self.now(i) - self.begin[i]), op, mine))
 
     # -- reading ---------------------------------------------------------------------------
     def steps(self, i: int) -> int:
-        return int(self.t - self.begin[i]) if self.begin[i] >= 0 else -1
+        return int(self.now(i) - self.begin[i]) if self.begin[i] >= 0 else -1
 
     def plan(self, i: int, fallback_seed, digest: bytes, want_info: bool = False):
         """Env ``i``'s REPLAY plan: a Replay of its episode, or Fresh with the reason."""
@@ -105,7 +139,7 @@ class EpisodeLog:
         if n > self.cap:
             return Fresh(fallback_seed, f"its episode is {n} steps long, more than "
                                         f"max_replay_steps={self.cap}")
-        rows = np.arange(self.begin[i], self.t) % self.cap
+        rows = np.arange(self.begin[i], self.now(i)) % self.cap
         b = int(self.begin[i])
         return Replay(
             start=self.starts[i],
@@ -139,8 +173,8 @@ class EpisodeLog:
         # Rows for this env's episode go just before the clock; advance it so that they
         # do not wrap over rows of the envs already loaded.
         self.started({i: episode["start"]})
-        self.begin[i] = self.t - n
-        rows = np.arange(self.begin[i], self.t) % self.cap
+        self.begin[i] = self.now(i) - n
+        rows = np.arange(self.begin[i], self.now(i)) % self.cap
         for log, acts in zip(self.acts, episode["actions"]):
             if log is not None:
                 log[rows, i] = acts

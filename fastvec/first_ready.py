@@ -13,13 +13,14 @@ from typing import Callable
 import numpy as np
 
 from fastvec import _ring
-from fastvec.contract import InfoBatcher
+from fastvec.contract import InfoBatcher, resumed_info
 from fastvec.errors import AlreadyPendingCallError
 from fastvec.failure_reports import disabled_flag, failure_error, raise_if_policy, restart_flag
 from fastvec.infos import InfoColumns
 from fastvec.layout import Views
 from fastvec.observations import ObservationRing
 from fastvec.recovery import Recovery, ReplacementPlan, When
+from fastvec.resume import Resume
 from fastvec.shm import get_pickle
 from fastvec.supervisor import Slot, Supervisor
 
@@ -35,7 +36,7 @@ class FirstReady:
     def __init__(self, sup: Supervisor, recovery: Recovery, obs: ObservationRing, views: Views,
                  columns: InfoColumns, *, batch_size: int, ring_depth: int, recycling: bool,
                  on_failure: str, inflight: np.ndarray, env_ring: np.ndarray, due: np.ndarray,
-                 count_step: Callable[[], None]):
+                 count_step: Callable[[], None], resume: Resume | None = None):
         self.sup, self.recovery, self.obs, self.views = sup, recovery, obs, views
         self.columns = columns
         self.batch_size, self.ring_depth = batch_size, ring_depth
@@ -43,6 +44,9 @@ class FirstReady:
         self.inflight, self.env_ring, self.due = inflight, env_ring, due
         self.count_step = count_step
         self.env_to_slot = [s for s in sup.slots for _ in s.env_indices]
+        self.resume = resume  # resuming a lost worker's episode (fastvec/resume.py), or None
+        self.log = resume.log if resume is not None else None
+        self.parts: dict = {}  # env -> the pickled action leaves of the step in flight
 
     def env_ids(self, env_ids) -> np.ndarray:
         """``send``'s ``env_ids`` (None: every env) as distinct indices of envs not stepping."""
@@ -58,10 +62,12 @@ class FirstReady:
                                           "them before sending them again", "recv")
         return ids
 
-    def send(self, ids: np.ndarray, pickled_actions: Callable[[Slot], int]) -> None:
+    def send(self, ids: np.ndarray, pickled_actions: Callable[[Slot], int],
+             parts: dict) -> None:
         """Start a step of envs ``ids`` (their actions already in shared memory;
-        ``pickled_actions(slot)`` puts the rest in the slot's side buffer)."""
+        ``pickled_actions(slot)`` puts the rest, ``parts``, in the slot's side buffer)."""
         for i in ids:
+            self.parts[int(i)] = parts.get(int(i))
             slot = self.env_to_slot[i]
             if slot.disabled is None and slot.lost is None:
                 self.sup.dispatch.request(slot, _ring.OP_STEP,
@@ -92,9 +98,16 @@ class FirstReady:
                 self.inflight[slot.env_indices[0]] = False
                 raise failure_error(slot, self.sup.dispatch.failure_of(slot), "in step")
         crashed = [(slot, self.sup.dispatch.failure_of(slot)) for slot in failed]
+        resumed: dict = {}
+        lost = crashed
+        if crashed and self.resume is not None:  # replay, re-send; what is left truncates
+            done, ended, crashed, disabled = self.resume.first_ready(crashed, self.env_ring,
+                                                                     self.parts)
+            resumed = dict(done)
+            lost = ended + crashed + disabled
         if crashed:
             self.recovery.replace([(s, f, ReplacementPlan(when=When.NEXT)) for s, f in crashed])
-        reported = {slot: failure for slot, failure in crashed}
+        reported = {slot: failure for slot, failure in lost}
         for slot in chosen:
             if slot.lost is not None:
                 reported[slot] = slot.lost
@@ -106,6 +119,7 @@ class FirstReady:
         rings = (self.env_ring[ids] + 1) % self.ring_depth
         v = self.views
         infos: dict = {}
+        starts: dict = {}
         rows = InfoBatcher(len(ids))  # infos batched over the envs returned
         for j, slot in enumerate(done_slots):
             i = int(ids[j])
@@ -119,12 +133,17 @@ class FirstReady:
             else:
                 info = pobs = None
                 if slot.ctl.resp_payload_len:
-                    (info,), (pobs,), _ = get_pickle(slot.payload, slot.ctl.resp_payload_len)
+                    (info,), (pobs,), began = get_pickle(slot.payload,
+                                                         slot.ctl.resp_payload_len)
+                    if began and began[0] is not None:
+                        starts[i] = began[0]
                     if info:
                         self.columns.learn(info)
                 typed = self.columns.env_info(int(rings[j]), i)
                 if typed:
                     info = {**typed, **info} if info else typed
+                if slot in resumed:
+                    info = {**(info or {}), **resumed_info(resumed[slot].text())}
                 if info:
                     rows.add(infos, info, j)
                 if pobs is not None:
@@ -132,6 +151,10 @@ class FirstReady:
         obs = self.obs.gather(rings.tolist(), ids.tolist())
         rewards = v.reward[rings, ids].copy()
         terminated, truncated = v.terminated[rings, ids].copy(), v.truncated[rings, ids].copy()
+        if self.log is not None:
+            self.log.record_envs(v, rings.tolist(), ids.tolist(), self.parts)
+            self.log.end([i for i, s in zip(ids, done_slots) if s in reported], "truncated")
+            self.log.started(starts)
         self.env_ring[ids] = rings
         self.inflight[ids] = False
         self.due[ids] = terminated | truncated

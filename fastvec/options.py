@@ -14,7 +14,7 @@ from gymnasium.vector import AutoresetMode
 from fastvec.infos import check_spec
 
 ON_FAILURE = ("respawn", "raise")
-RESUME = ("auto", "on", "off")
+RESUME = ("auto", "off")
 ON_BUDGET_EXHAUSTED = ("raise", "disable")
 
 
@@ -103,9 +103,6 @@ class Options:
 
         if self.resume not in RESUME:
             raise ValueError(f"resume must be one of {RESUME}, got {self.resume!r}")
-        if self.resume == "on" and self.batch_size is not None:
-            raise ValueError("resume='on' does not cover send()/recv() yet (batch_size): use "
-                             "resume='auto' (on for step(), reset() and call()) or 'off'")
         if not (isinstance(self.max_replay_steps, int) and self.max_replay_steps >= 1):
             raise ValueError(f"max_replay_steps must be an int >= 1, got "
                              f"{self.max_replay_steps!r}")
@@ -113,8 +110,8 @@ class Options:
     @property
     def resuming(self) -> bool:
         """Whether the parent keeps the episode log and a lost worker's episodes are
-        replayed (fastvec/resume.py): resume "auto" or "on", lockstep only for now."""
-        return self.resume != "off" and self.batch_size is None
+        replayed (fastvec/resume.py)."""
+        return self.resume != "off"
 
     def check_num_envs(self, num_envs: int) -> None:
         if num_envs < 1:

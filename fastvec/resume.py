@@ -190,11 +190,57 @@ class Resume:
                                     f"{lost[0]}", exitcode=failure.exitcode)
         return resumed, [(s, again[s]) for s, _ in live if s in again], disabled, user_errors
 
-    def _rebuild(self, r: int, crashed: list, plans_of, resend):
+    def first_ready(self, crashed: list, env_ring: np.ndarray,
+                    parts: dict) -> tuple[list, list, list, list]:
+        """``recv`` met these ``crashed`` (slot, failure) pairs (one env each): replay each
+        env's episode and re-send its step into its own next ring slot (``parts``: env ->
+        the step's pickled action leaves). Returns ``(resumed, ended, again, disabled)``:
+        pairs whose result is in their ring slot; pairs whose episode ends truncated (the
+        new worker starts the next one at its next step); pairs that failed again (to
+        replace once more, then truncate); pairs out of play."""
+        rings = {s: int((env_ring[s.env_indices[0]] + 1) % self.obs.depth) for s, _ in crashed}
+
+        def plans(slot: Slot) -> list:
+            i = slot.env_indices[0]
+            return [self.log.plan(i, self.recovery.derived_seeds(slot)[0],
+                                  self.digest(int(env_ring[i]), i))]
+
+        def resend(slot: Slot, outcomes: list):
+            if not outcomes[0].resumed:
+                return None
+            leaves = parts.get(slot.env_indices[0])
+            n = (put_pickle(slot.payload, [leaves], self.opts.max_payload_bytes)
+                 if leaves else 0)
+            return _ring.OP_STEP, n, None
+
+        live, outcomes, again, disabled, sent, errors = self._rebuild(rings, crashed, plans,
+                                                                      resend)
+        for slot, failure in errors.items():
+            if failure.reason == "mismatch":
+                raise failure_error(slot, failure, "in step")
+            again[slot] = _again(failure, "in the step re-sent after its replay")
+        resumed, ended = [], []
+        for slot, failure in live:
+            if slot in again:
+                slot.not_resumed["crash repeated"] += 1
+            elif slot in sent:
+                slot.resumed += 1
+                resumed.append((slot, failure))
+            else:  # not resumed: its episode ends here, truncated (recv reports it)
+                why = outcomes[slot][0].why
+                slot.not_resumed[_kind(why)] += 1
+                self.log.end(slot.env_indices, why)
+                ended.append((slot, Failure(failure.reason, f"{failure.detail}; not "
+                                            f"resumed: {why}", exitcode=failure.exitcode)))
+        return resumed, ended, [(s, again[s]) for s, _ in live if s in again], disabled
+
+    def _rebuild(self, r, crashed: list, plans_of, resend):
         """Replace the ``crashed`` workers (no reset), replay ``plans_of(slot)`` into ring
-        slot ``r``, then send ``resend(slot, outcomes)`` -> (op, payload bytes, mask) or
-        None. Returns (live pairs, {slot: [Outcome]}, {slot: failure} that failed in the
-        replay, disabled pairs, slots re-sent, {slot: failure} of their re-sent request)."""
+        slot ``r`` (or ``r[slot]``), then send ``resend(slot, outcomes)`` -> (op, payload
+        bytes, mask) or None. Returns (live pairs, {slot: [Outcome]}, {slot: failure} that
+        failed in the replay, disabled pairs, slots re-sent, {slot: failure} of their
+        re-sent request)."""
+        ring = r.get if isinstance(r, dict) else (lambda slot: r)
         self.recovery.replace([(s, f, ReplacementPlan(when=When.REPLAY)) for s, f in crashed])
         disabled = [(s, f) for s, f in crashed if s.disabled is not None]
         live = [(s, f) for s, f in crashed if s.disabled is None]
@@ -205,21 +251,23 @@ class Resume:
                 req = resend(slot, outcomes[slot])
                 if req is not None:
                     op, n, mask = req
-                    requests.append((slot, op, r, n, mask))
+                    requests.append((slot, op, ring(slot), n, mask))
         self.sup.dispatch.send(requests)
         sent = [q[0] for q in requests]
         errors = {slot: self.sup.dispatch.failure_of(slot)
                   for slot in self.sup.dispatch.wait(sent, None)}
         return live, outcomes, again, disabled, set(sent), errors
 
-    def _replay(self, r: int, plans: dict) -> tuple[dict, dict]:
-        """Send each slot its REPLAY plans; ({slot: [Outcome]}, {slot: failure} of the
-        workers that failed during their replay)."""
+    def _replay(self, r, plans: dict) -> tuple[dict, dict]:
+        """Send each slot its REPLAY plans (observations into ring slot ``r``, or
+        ``r[slot]``); ({slot: [Outcome]}, {slot: failure} of the workers that failed
+        during their replay)."""
         requests = []
         for slot, slot_plans in plans.items():
             n = put_pickle(slot.payload, (slot_plans, self.sup.watchdog.hang_bound(slot)),
                            self.opts.max_payload_bytes)
-            requests.append((slot, _ring.OP_REPLAY, r, n, None))
+            requests.append((slot, _ring.OP_REPLAY, r[slot] if isinstance(r, dict) else r,
+                             n, None))
         self.sup.dispatch.send(requests)
         failed = set(self.sup.dispatch.wait(list(plans), None))
         outcomes, again = {}, {}
@@ -296,7 +344,7 @@ class Resume:
         resumed starts a fresh episode there (its derived seed). Returns the infos."""
         self.recovery.restore_seeds(state["base_seeds"])
         episodes = state["episodes"]
-        self.log.t = max((len(e["reward"]) for e in episodes if "reward" in e), default=0)
+        self.log.rewind(max((len(e["reward"]) for e in episodes if "reward" in e), default=0))
         for i, episode in enumerate(episodes):
             self.log.load(i, episode)
         slots = [s for s in self.sup.slots if s.disabled is None]

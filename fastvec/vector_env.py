@@ -112,12 +112,12 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
             space), ``"different"`` (same shape and dtype, other bounds; batched with
             ``batch_differing_spaces``), or a ``(batch_space, single_space)`` pair.
         daemon: start workers as daemon processes.
-        resume: ``"auto"`` (default), ``"on"`` or ``"off"``: keep each env's episode log
-            (how it began, the actions since) so that a lost worker's replacement replays
-            its envs' episodes, checked step by step, and the step goes on with
-            ``infos["worker_resumed"]`` instead of a truncation (fastvec/resume.py); it
-            also makes :meth:`state_dict` possible. "auto" is on except with
-            ``batch_size`` (send/recv), which "on" refuses.
+        resume: ``"auto"`` (default): keep each env's episode log (how it began, the
+            actions since) so that a lost worker's replacement replays its envs'
+            episodes, checked step by step, and they go on (``infos["worker_resumed"]``)
+            wherever the replay matches, else end truncated as without it
+            (fastvec/resume.py); it also makes :meth:`state_dict` possible. ``"off"``: no
+            log, a lost worker's episodes end truncated.
         max_replay_steps: longest episode (steps) the log keeps; a longer one ends
             truncated on a failure, as with ``resume="off"``.
     """
@@ -239,7 +239,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         if self.batch_size is not None:
             self._first_ready = FirstReady(
                 self._sup, self._recovery, self._obs, self._views, self._infos,
-                batch_size=self.batch_size, ring_depth=opts.ring_depth,
+                batch_size=self.batch_size, ring_depth=opts.ring_depth, resume=self._resume,
                 recycling=opts.recycling, on_failure=opts.on_failure, inflight=self._inflight,
                 env_ring=self._env_ring, due=self._due, count_step=_weak(self._count_step))
 
@@ -401,7 +401,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
                                           f"is pending", self._state.value)
         ids = self._first_ready.env_ids(env_ids)
         self._actions.write(actions, ids, self._steps)
-        self._first_ready.send(ids, self._actions.put_pickled)
+        self._first_ready.send(ids, self._actions.put_pickled, self._actions.pickled)
 
     def recv(self, timeout: float | None = None):
         """Results of ``batch_size`` envs that finished their step (fewer if fewer are

@@ -338,11 +338,12 @@ class ScaledEnv(CounterEnv):
 
 
 class CallOnceEnv(ResetFaultEnv):
-    """ResetFaultEnv whose ``die_once(marker)`` SIGKILLs its process the first time only
-    (per marker file): a call that a replayed worker can answer."""
+    """ResetFaultEnv whose ``die_once(marker)`` SIGKILLs the process of the one env that
+    creates the marker file: a call that a replayed worker can answer."""
 
     def die_once(self, marker: str) -> int:
-        if not os.path.exists(marker):
-            open(marker, "w").close()
-            do_fault("sigkill")
-        return int(self._state[1])
+        try:  # O_EXCL: of several envs called at once, exactly one dies
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return int(self._state[1])
+        do_fault("sigkill")

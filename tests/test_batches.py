@@ -84,7 +84,8 @@ def test_slow_env_does_not_hold_the_others(tmp_path):
 
 
 def test_failed_worker_comes_back_flagged():
-    env = FastVectorEnv([CounterEnv] * 3, batch_size=3)
+    """The truncation path (resume="off"); with resume: tests/test_resume.py."""
+    env = FastVectorEnv([CounterEnv] * 3, batch_size=3, resume="off")
     try:
         obs, _ = env.reset(seed=0)
         env.send(np.ones(3, np.int64))
