@@ -185,6 +185,7 @@ cdef class StepKernel:
     cdef unsigned char[:, ::1] terminated, truncated
     cdef object ctl
     cdef InfoWriter infos
+    cdef bint snapshots  # worker.stepped(j) after each step (snapshot_every)
 
     def __cinit__(self, worker, views, obs_leaves, act_leaves, obs_space, act_space,
                   InfoWriter info_writer):
@@ -205,6 +206,7 @@ cdef class StepKernel:
         self.terminated = views.terminated.view(np.uint8)
         self.truncated = views.truncated.view(np.uint8)
         self.ctl = worker.ctl
+        self.snapshots = worker.snapshot_every > 0
 
     @staticmethod
     def supports(obs_leaves, act_leaves, views) -> bool:
@@ -257,6 +259,8 @@ cdef class StepKernel:
                 autoreset[j] = False
             else:
                 obs, reward, terminated, truncated, info = env.step(self._action(i))
+                if self.snapshots:
+                    self.worker.stepped(j)
                 r = reward  # float(reward), as numpy's item assignment converts it
                 term = terminated
                 trunc = truncated
@@ -307,7 +311,7 @@ def serve(worker):
             ctl.begin()
             try:
                 infos = kernel.step(c.ring_index)
-                n = (0 if infos is None and worker.starts is None
+                n = (0 if infos is None and worker.notes is None
                      else worker._put_reply(infos or no_pickled, no_pickled))
             except BaseException as exc:  # reported to the parent, which applies its policy
                 worker.reply_error(seq, exc, flags & FV_REQ_COUNTED, epoch)

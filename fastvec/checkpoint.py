@@ -32,7 +32,7 @@ class Checkpoints:
         resume.check(state, (self.single_observation_space, self.single_action_space))
         r = (self._ring + 1) % self.options.ring_depth
         infos = self._guarded(resume.load, state, r)
-        self._episodes.started(self._replies.take_starts())
+        self._episodes.started(*self._replies.take_notes())
         self._ring = r
         self._env_ring[:] = r
         self._due[:] = state["due"]

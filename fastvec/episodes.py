@@ -43,6 +43,9 @@ class EpisodeLog:
         self.why: list[str] = ["the env has not been reset yet"] * num_envs
         self.extras: list[dict] = [{} for _ in range(num_envs)]
         self.events: list[list] = [[] for _ in range(num_envs)]
+        # the two latest Snapshots of each env's episode (a replay must step at least once
+        # after its snapshot: the observation it ends on comes from that step)
+        self.snaps: list[list] = [[] for _ in range(num_envs)]
 
     # -- writing ---------------------------------------------------------------------------
     def record(self, views, r: int, pickled: dict) -> None:
@@ -94,17 +97,28 @@ class EpisodeLog:
         """Env ``i``'s clock: the row its next step goes to (before the ring wraps)."""
         return self.t if self.clock is None else int(self.clock[i])
 
-    def started(self, starts: dict) -> None:
-        """Episodes that began (env -> Start): their first step is the next one."""
+    def started(self, starts: dict, snapshots: dict | None = None) -> None:
+        """Episodes that began (env -> Start): their first step is the next one; then
+        the snapshots the envs sent (:meth:`snapshots`)."""
         for i, start in starts.items():
             self.starts[i] = start
             self.begin[i] = self.now(i)
             self.extras[i].clear()
             self.events[i].clear()
+            self.snaps[i] = []
             if start.seed is None and start.rng is None:
                 self.begin[i] = -1
                 self.why[i] = ("the env has no np_random to restore before its unseeded "
                                "reset")
+        if snapshots:
+            self.snapshots(snapshots)
+
+    def snapshots(self, snaps: dict) -> None:
+        """Snapshots the envs sent (env -> Snapshot), each after its episode's step
+        ``snap.step``: kept if that is the step the log is at (else it is not this one)."""
+        for i, snap in snaps.items():
+            if self.begin[i] >= 0 and snap.step == self.steps(i):
+                self.snaps[i] = [*self.snaps[i][-1:], snap]
 
     def end(self, env_ids, why: str) -> None:
         """These envs' episodes ended without a reset reported (truncated by a failure,
@@ -135,17 +149,25 @@ class EpisodeLog:
         """Env ``i``'s REPLAY plan: a Replay of its episode, or Fresh with the reason."""
         if self.begin[i] < 0:
             return Fresh(fallback_seed, self.why[i])
+        # From the latest snapshot, unless a call came before it (a snapshot need not
+        # hold what a call changed): then from the start.
         n = self.steps(i)
-        if n > self.cap:
+        snap = next((s for s in reversed(self.snaps[i]) if s.step < n), None)
+        if snap is not None and any(at < snap.step for at, _, _ in self.events[i]):
+            snap = None
+        skip = 0 if snap is None else snap.step
+        if n - skip > self.cap:
             return Fresh(fallback_seed, f"its episode is {n} steps long, more than "
-                                        f"max_replay_steps={self.cap}")
-        rows = np.arange(self.begin[i], self.now(i)) % self.cap
-        b = int(self.begin[i])
+                                        f"max_replay_steps={self.cap}"
+                                        + (f" after its snapshot at step {skip}" if skip
+                                           else ""))
+        b = int(self.begin[i]) + skip
+        rows = np.arange(b, self.now(i)) % self.cap
         return Replay(
-            start=self.starts[i],
+            start=self.starts[i], snapshot=snap,
             actions=[None if log is None else log[rows, i] for log in self.acts],
             extras={s - b: v for s, v in self.extras[i].items() if s >= b},
-            events=list(self.events[i]),
+            events=[(at - skip, op, p) for at, op, p in self.events[i]],
             reward=self.reward[rows, i].copy(), terminated=self.terminated[rows, i].copy(),
             truncated=self.truncated[rows, i].copy(), digest=digest,
             fallback_seed=fallback_seed, want_info=want_info)
@@ -156,9 +178,9 @@ class EpisodeLog:
         plan = self.plan(i, None, digest)
         if isinstance(plan, Fresh):
             return {"why": plan.why}
-        return {"start": plan.start, "actions": plan.actions, "extras": plan.extras,
-                "events": plan.events, "reward": plan.reward, "terminated": plan.terminated,
-                "truncated": plan.truncated, "digest": digest}
+        return {"start": plan.start, "snapshot": plan.snapshot, "actions": plan.actions,
+                "extras": plan.extras, "events": plan.events, "reward": plan.reward,
+                "terminated": plan.terminated, "truncated": plan.truncated, "digest": digest}
 
     def load(self, i: int, episode: dict) -> None:
         """Put an exported episode back as env ``i``'s, ending at the current clock."""
@@ -170,16 +192,19 @@ class EpisodeLog:
             self.end([i], f"its episode is {n} steps long, more than max_replay_steps="
                           f"{self.cap}")
             return
-        # Rows for this env's episode go just before the clock; advance it so that they
-        # do not wrap over rows of the envs already loaded.
+        # Rows for this env's episode (after its snapshot, if any) end at the clock.
         self.started({i: episode["start"]})
-        self.begin[i] = self.now(i) - n
-        rows = np.arange(self.begin[i], self.now(i)) % self.cap
+        snap = episode.get("snapshot")
+        skip = 0 if snap is None else snap.step
+        self.begin[i] = self.now(i) - n - skip
+        self.snaps[i] = [] if snap is None else [snap]
+        rows = np.arange(self.now(i) - n, self.now(i)) % self.cap
         for log, acts in zip(self.acts, episode["actions"]):
             if log is not None:
                 log[rows, i] = acts
         self.reward[rows, i] = episode["reward"]
         self.terminated[rows, i] = episode["terminated"]
         self.truncated[rows, i] = episode["truncated"]
-        self.extras[i] = {s + int(self.begin[i]): v for s, v in episode["extras"].items()}
-        self.events[i] = list(episode["events"])
+        b = int(self.begin[i]) + skip
+        self.extras[i] = {s + b: v for s, v in episode["extras"].items()}
+        self.events[i] = [(at + skip, op, p) for at, op, p in episode["events"]]

@@ -120,6 +120,7 @@ class FirstReady:
         v = self.views
         infos: dict = {}
         starts: dict = {}
+        snapshots: dict = {}
         rows = InfoBatcher(len(ids))  # infos batched over the envs returned
         for j, slot in enumerate(done_slots):
             i = int(ids[j])
@@ -136,7 +137,7 @@ class FirstReady:
                     (info,), (pobs,), began = get_pickle(slot.payload,
                                                          slot.ctl.resp_payload_len)
                     if began and began[0] is not None:
-                        starts[i] = began[0]
+                        starts[i], snapshots[i] = began[0]
                     if info:
                         self.columns.learn(info)
                 typed = self.columns.env_info(int(rings[j]), i)
@@ -154,7 +155,8 @@ class FirstReady:
         if self.log is not None:
             self.log.record_envs(v, rings.tolist(), ids.tolist(), self.parts)
             self.log.end([i for i, s in zip(ids, done_slots) if s in reported], "truncated")
-            self.log.started(starts)
+            self.log.started({i: s for i, s in starts.items() if s is not None},
+                             {i: s for i, s in snapshots.items() if s is not None})
         self.env_ring[ids] = rings
         self.inflight[ids] = False
         self.due[ids] = terminated | truncated

@@ -276,19 +276,27 @@ class ReplyInfos(InfoBatcher):
         super().__init__(num_envs)
         self.columns = columns
         self.pickled_obs = pickled_obs
-        #: env -> how its latest episode began, as replies reported it (for the episode
-        #: log, fastvec/episodes.py, which takes them after each call)
+        #: env -> how its latest episode began, and its latest snapshot, as replies
+        #: reported them (for the episode log, fastvec/episodes.py, which takes them)
         self.starts: dict = {}
+        self.snapshots: dict = {}
 
-    def take_starts(self) -> dict:
-        starts, self.starts = self.starts, {}
-        return starts
+    def take_notes(self) -> tuple[dict, dict]:
+        """The episode starts and snapshots noted since the last call."""
+        notes = (self.starts, self.snapshots)
+        self.starts, self.snapshots = {}, {}
+        return notes
 
-    def _note_starts(self, slot, starts) -> None:
-        if starts is not None:
-            for i, start in zip(slot.env_indices, starts):
-                if start is not None:
-                    self.starts[i] = start
+    def _note_starts(self, slot, notes) -> None:
+        if notes is not None:
+            for i, note in zip(slot.env_indices, notes):
+                if note is not None:
+                    start, snapshot = note
+                    if start is not None:
+                        self.starts[i] = start
+                        self.snapshots.pop(i, None)
+                    if snapshot is not None:
+                        self.snapshots[i] = snapshot
 
     def collect(self, slot, infos: dict, r: int) -> None:
         """Add the infos of ``slot``'s reply in ring slot ``r`` to ``infos``, env by env."""

@@ -58,6 +58,7 @@ class Options:
     daemon: bool = True
     resume: str = "auto"
     max_replay_steps: int = 10_000
+    snapshot_every: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
@@ -106,6 +107,13 @@ class Options:
         if not (isinstance(self.max_replay_steps, int) and self.max_replay_steps >= 1):
             raise ValueError(f"max_replay_steps must be an int >= 1, got "
                              f"{self.max_replay_steps!r}")
+        if self.snapshot_every is not None and not (
+                isinstance(self.snapshot_every, int) and self.snapshot_every >= 1):
+            raise ValueError(f"snapshot_every must be None or an int >= 1, got "
+                             f"{self.snapshot_every!r}")
+        if self.snapshot_every is not None and self.resume == "off":
+            raise ValueError("snapshot_every shortens the replays of resume; with "
+                             "resume='off' there are none: leave it None")
 
     @property
     def resuming(self) -> bool:

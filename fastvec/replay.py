@@ -12,7 +12,8 @@ What travels, per env of a REPLAY request (pickled in the side buffer, once per 
 and back, per env: ``("resumed", steps, seconds, info)`` or ``("fallback", why)``.
 
 A replay restores the start (a seeded reset, or the RNG state the env had just before an
-unseeded reset, then that reset with the same options), then steps the logged actions,
+unseeded reset, then that reset with the same options) and, if the env sent a snapshot of
+the episode (``snapshot_every``), that snapshot, then steps the logged actions after it,
 comparing every reward and flag with the log and the final observation's digest with the
 parent's. Any difference, an exception, or running past the time budget stops it: the
 env then falls back exactly as a ``Fresh`` plan does. Nothing of a replay is reported as
@@ -42,6 +43,16 @@ class Start:
     options: dict | None = None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """An env's state after ``step`` steps of its episode: what its ``get_state()``
+    returned, and its RNG state."""
+
+    step: int
+    state: object
+    rng: dict | None
+
+
 @dataclass
 class Replay:
     start: Start
@@ -54,6 +65,7 @@ class Replay:
     digest: bytes  # of the last observation handed out (obs_digest)
     fallback_seed: int | None  # the seed of a fresh episode if the replay fails
     want_info: bool = False  # return the last info (load_state_dict reports it)
+    snapshot: Snapshot | None = None  # restore it after the reset; the log goes on from it
 
 
 @dataclass
@@ -136,6 +148,12 @@ def _replay(worker, j: int, ring: int, plan: Replay, deadline: float) -> tuple:
         obs, info = env.reset(seed=start.seed, options=start.options)
     worker.autoreset[j] = False
     worker.pending_seed[j] = None
+    worker.episode_steps[j] = 0
+    if plan.snapshot is not None:  # the reset restored the wrappers; this, the env
+        env.set_state(plan.snapshot.state)
+        if plan.snapshot.rng is not None:
+            set_rng_state(env, plan.snapshot.rng)
+        worker.episode_steps[j] = plan.snapshot.step
     events = list(plan.events)
     n = len(plan.reward)
     for t in range(n):
@@ -146,6 +164,7 @@ def _replay(worker, j: int, ring: int, plan: Replay, deadline: float) -> tuple:
                     "hang bound; see step_timeout)"), None
         action = worker.logged_action(plan.actions, plan.extras.get(t), t)
         obs, reward, terminated, truncated, info = env.step(action)
+        worker.episode_steps[j] += 1
         expected = (float(plan.reward[t]), bool(plan.terminated[t]), bool(plan.truncated[t]))
         got = (float(reward), bool(terminated), bool(truncated))
         if not _same(got[0], expected[0]) or got[1:] != expected[1:]:

@@ -184,6 +184,7 @@ class Resume:
             resumed.append((slot, failure))
             lost = [o.why for o in outcomes[slot] if not o.resumed]
             slot.resumed += len(outcomes[slot]) - len(lost)
+            slot.replayed_steps += sum(o.steps for o in outcomes[slot])
             if lost:  # reported by the next step, as a call's lost worker always was
                 slot.not_resumed.update(_kind(why) for why in lost)
                 slot.lost = Failure(failure.reason, f"{failure.detail}; not resumed: "
@@ -225,6 +226,7 @@ class Resume:
                 slot.not_resumed["crash repeated"] += 1
             elif slot in sent:
                 slot.resumed += 1
+                slot.replayed_steps += outcomes[slot][0].steps
                 resumed.append((slot, failure))
             else:  # not resumed: its episode ends here, truncated (recv reports it)
                 why = outcomes[slot][0].why
@@ -302,6 +304,7 @@ class Resume:
         if o.resumed or not lost:
             if o.resumed:
                 slot.resumed += 1
+                slot.replayed_steps += o.steps
             self._add_info(infos, resumed_info(failure.text()), i)
             return
         slot.not_resumed[_kind(o.why)] += 1
@@ -344,7 +347,8 @@ class Resume:
         resumed starts a fresh episode there (its derived seed). Returns the infos."""
         self.recovery.restore_seeds(state["base_seeds"])
         episodes = state["episodes"]
-        self.log.rewind(max((len(e["reward"]) for e in episodes if "reward" in e), default=0))
+        self.log.rewind(max((len(e["reward"]) + (e["snapshot"].step if e.get("snapshot") else 0)
+                             for e in episodes if "reward" in e), default=0))
         for i, episode in enumerate(episodes):
             self.log.load(i, episode)
         slots = [s for s in self.sup.slots if s.disabled is None]
@@ -368,6 +372,7 @@ class Resume:
             for j, (i, o) in enumerate(zip(slot.env_indices, outcomes[slot])):
                 if o.resumed:
                     slot.resumed += 1
+                    slot.replayed_steps += o.steps
                     if o.info:
                         self._add_info(infos, o.info, i)
                     self._add_info(infos, resumed_info("load_state_dict"), i)

@@ -71,6 +71,7 @@ class Slot:
         self.last_failure: Failure | None = None
         # resume (fastvec/resume.py): episodes resumed, and why the others were not
         self.resumed = 0
+        self.replayed_steps = 0  # steps the replays of those episodes took
         self.not_resumed: collections.Counter = collections.Counter()
         self.latency = np.zeros(_LATENCY_WINDOW, np.int64)
         self.latency_count = 0
@@ -110,6 +111,7 @@ class Slot:
             "recycles": self.recycles,
             "reasons": dict(self.reasons),
             "resumed": self.resumed,
+            "replayed_steps": self.replayed_steps,
             "not_resumed": dict(self.not_resumed),
             "last_failure_time": lf.when if lf else None,
             "last_failure": f"{lf.reason}: {lf.detail}" if lf else None,
@@ -209,6 +211,7 @@ class Supervisor:
                     # the window; whether to spin at all comes with each request (REQ_NO_SPIN)
                     spin_ns=opts.spin_ns(2), pending_seeds=pending_seeds,
                     observation_mode=self.observation_mode, report_starts=opts.resuming,
+                    snapshot_every=opts.snapshot_every,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
                 if self.serial:
                     proc = InProcess(spec)

@@ -112,12 +112,11 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
             space), ``"different"`` (same shape and dtype, other bounds; batched with
             ``batch_differing_spaces``), or a ``(batch_space, single_space)`` pair.
         daemon: start workers as daemon processes.
-        resume: ``"auto"`` (default): keep each env's episode log (how it began, the
-            actions since) so that a lost worker's replacement replays its envs'
-            episodes, checked step by step, and they go on (``infos["worker_resumed"]``)
-            wherever the replay matches, else end truncated as without it
-            (fastvec/resume.py); it also makes :meth:`state_dict` possible. ``"off"``: no
-            log, a lost worker's episodes end truncated.
+        resume: ``"auto"`` (default): keep each env's episode log so that a lost worker's
+            envs are replayed, checked, and go on (``infos["worker_resumed"]``) where the
+            replay matches, else end truncated (fastvec/resume.py); ``"off"``: no log.
+        snapshot_every: every this many steps, snapshot the envs that offer
+            ``get_state()``/``set_state()``: replays start there (None: never).
         max_replay_steps: longest episode (steps) the log keeps; a longer one ends
             truncated on a failure, as with ``resume="off"``.
     """
@@ -160,6 +159,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         daemon: bool = True,
         resume: str = "auto",
         max_replay_steps: int = 10_000,
+        snapshot_every: int | None = None,
     ):
         self._state = State.DEFAULT
         self.closed = False
@@ -175,7 +175,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
             max_worker_rss=max_worker_rss, recycle_grace=recycle_grace, ring_depth=ring_depth,
             max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
             spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon,
-            resume=resume, max_replay_steps=max_replay_steps)
+            resume=resume, max_replay_steps=max_replay_steps, snapshot_every=snapshot_every)
         opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns
@@ -289,7 +289,7 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         self._state = State.DEFAULT
         infos, keep, crashed = self._outcomes.reset(p, failed, self._env_ring)
         if self._episodes is not None:
-            starts = self._replies.take_starts()
+            starts, _ = self._replies.take_notes()
             self._episodes.end([i for i in np.flatnonzero(~keep) if i not in starts],
                                "its reset reported no start")
             self._episodes.started(starts)
@@ -540,8 +540,8 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         """Log the lockstep step in ring slot ``r`` (and the episodes its replies began)."""
         if self._episodes is not None:
             self._episodes.record(self._views, r, self._actions.pickled)
-            if self._replies.starts:
-                self._episodes.started(self._replies.take_starts())
+            if self._replies.starts or self._replies.snapshots:
+                self._episodes.started(*self._replies.take_notes())
 
     def _count_step(self) -> None:
         self._steps += 1

@@ -34,7 +34,7 @@ from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from fastvec.errors import (EnvSpacesError, PayloadTooLargeError, SpaceMismatchError,
                             UnpicklableInfoError)
 from fastvec.layout import Plan, flatten, unflatten, write_leaf
-from fastvec.replay import Start, rng_state, run_plan
+from fastvec.replay import Snapshot, Start, rng_state, run_plan
 from fastvec.shm import Segment, get_pickle, put_pickle
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -70,6 +70,9 @@ class WorkerSpec:
     # Report how each episode began (seed, or the RNG state before an unseeded reset) in
     # the reply of the request that reset the env: the parent's episode log (resume).
     report_starts: bool = False
+    # Every this many steps of an episode, envs that offer get_state()/set_state() send a
+    # snapshot with the reply (None: never), so that a replay starts from the last one.
+    snapshot_every: int | None = None
 
 
 class Worker:
@@ -91,7 +94,11 @@ class Worker:
         k = len(spec.env_indices)
         self.autoreset = [False] * k
         self.pending_seed: list[Any] = [None] * k
-        self.starts: list | None = None  # per env: the Start of an episode begun (report_starts)
+        # per env, [Start of an episode begun, Snapshot taken] for this request's reply
+        self.notes: list | None = None
+        self.snapshot_every = spec.snapshot_every or 0
+        self.episode_steps = [0] * k  # steps of each env's episode (for snapshots)
+        self.snapshottable = [False] * k
         self.handlers: dict[int, Callable[[int, int], int]] = {
             _ring.OP_RESET: self.on_reset,
             _ring.OP_STEP: self.on_step,
@@ -130,6 +137,9 @@ class Worker:
                     f"Some environments have an action space different from `{self.act_space}`: "
                     f"env {i} has {env.action_space}. In order to batch actions, the action "
                     "spaces from all environments must be equal.")
+        self.snapshottable = [callable(getattr(env, "get_state", None))
+                              and callable(getattr(env, "set_state", None))
+                              for env in self.envs]
         if self.spec.pending_seeds is not None:
             for j, seed in enumerate(self.spec.pending_seeds):
                 self.pending_seed[j] = seed
@@ -152,7 +162,7 @@ class Worker:
         k = len(self.envs)
         if self.kernel is not None and not n and mask == (1 << k) - 1:  # fastvec/_stepper.pyx
             infos = self.kernel.step(ring)
-            if infos is None and self.starts is None:
+            if infos is None and self.notes is None:
                 return 0
             return self._put_reply(infos or [None] * k, [None] * k)
         v = self.views
@@ -175,6 +185,8 @@ class Worker:
                     action = unflatten(self.act_space, [pa[k] if k in pa else a[i].copy()
                                                         for k, a in enumerate(v.act)])
                 obs, reward, terminated, truncated, info = env.step(action)
+                if self.snapshot_every:
+                    self.stepped(j)
                 if terminated or truncated:
                     self.episode_ended()
                     if self.mode == AutoresetMode.NEXT_STEP:
@@ -245,13 +257,28 @@ class Worker:
         autoreset passes no options, as SyncVectorEnv's does."""
         env = self.envs[j]
         seed = self._take_seed(j, seed)
+        self.episode_steps[j] = 0
         if self.spec.report_starts:
-            if self.starts is None:
-                self.starts = [None] * len(self.envs)
-            self.starts[j] = Start(seed, None if seed is not None else rng_state(env), options)
+            start = Start(seed, None if seed is not None else rng_state(env), options)
+            self._note(j)[:] = [start, None]  # a snapshot of the episode that ended: moot
         if user:
             return env.reset(seed=seed, options=options)
         return env.reset(seed=seed)
+
+    def _note(self, j: int) -> list:
+        if self.notes is None:
+            self.notes = [None] * len(self.envs)
+        if self.notes[j] is None:
+            self.notes[j] = [None, None]
+        return self.notes[j]
+
+    def stepped(self, j: int) -> None:
+        """Env ``j`` took a step of its episode: every ``snapshot_every`` steps, a
+        snapshot of it (get_state() and its RNG state) goes with the reply."""
+        n = self.episode_steps[j] = self.episode_steps[j] + 1
+        if self.snapshottable[j] and n % self.snapshot_every == 0:
+            env = self.envs[j]
+            self._note(j)[1] = Snapshot(n, env.get_state(), rng_state(env))
 
     def start_fresh(self, j: int, seed) -> None:
         """A replay could not resume env ``j``: its next reset starts a new episode with
@@ -293,14 +320,14 @@ class Worker:
         return pickled
 
     def _put_reply(self, infos: list, pobs: list) -> int:
-        """The reply's side-buffer part: ``(infos, pickled observation leaves, episode
-        starts)`` per env, or nothing at all (0 bytes) when every env's info is empty, no
-        leaf is pickled and no episode began."""
-        starts, self.starts = self.starts, None
-        if not any(infos) and not any(p is not None for p in pobs) and starts is None:
+        """The reply's side-buffer part: ``(infos, pickled observation leaves, notes)`` per
+        env (notes: [the Start of an episode begun, a Snapshot] or None), or nothing at all
+        (0 bytes) when every env's info is empty, no leaf is pickled and nothing is noted."""
+        notes, self.notes = self.notes, None
+        if not any(infos) and not any(p is not None for p in pobs) and notes is None:
             return 0
         try:
-            return put_pickle(self.payload, (infos, pobs, starts), self.spec.max_payload_bytes)
+            return put_pickle(self.payload, (infos, pobs, notes), self.spec.max_payload_bytes)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             bad = [self.spec.env_indices[j] for j, info in enumerate(infos) if info
                    and not _picklable(info)]

@@ -347,3 +347,26 @@ class CallOnceEnv(ResetFaultEnv):
         except FileExistsError:
             return int(self._state[1])
         do_fault("sigkill")
+
+
+class SnapshotEnv(CounterEnv):
+    """CounterEnv that offers get_state()/set_state(): everything its future depends on
+    (its observation state and the episode length it drew)."""
+
+    def get_state(self):
+        return self._state.copy(), self._len
+
+    def set_state(self, state):
+        obs_state, length = state
+        self._state, self._len = obs_state.copy(), length
+
+
+class SnapshotCommandFault(CommandFault):
+    """CommandFault over an env with get_state()/set_state(), passed through: only the
+    outermost object's methods count, so a wrapper that keeps them must forward them."""
+
+    def get_state(self):
+        return self.env.get_state()
+
+    def set_state(self, state):
+        self.env.set_state(state)

@@ -19,7 +19,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from conftest import wait_until
-from faults import CounterEnv, EntropyEnv
+from faults import CounterEnv, EntropyEnv, SnapshotEnv
 from fastvec import FastVectorEnv
 from fastvec.shm import leftovers
 from test_equivalence import assert_same
@@ -144,3 +144,22 @@ def _progress(path: Path) -> int:
         return int((path / "progress").read_text() or -1)
     except (OSError, ValueError):
         return -1
+
+
+def test_a_saved_snapshot_shortens_the_load():
+    fns = [SnapshotEnv] * 2
+    a = FastVectorEnv(fns, snapshot_every=4)
+    b = FastVectorEnv(fns, snapshot_every=4)
+    try:
+        a.reset(seed=[1, 2])
+        ones = np.ones(2, np.int64)
+        for _ in range(14):
+            a.step(ones)
+        obs, infos = b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+        assert infos["_worker_resumed"].all()
+        assert [h["replayed_steps"] for h in b.health()] == [2, 2]  # from step 12 on
+        for t in range(10):
+            assert_same(a.step(ones)[:4], b.step(ones)[:4], f"step {t} after the load")
+    finally:
+        a.close()
+        b.close()

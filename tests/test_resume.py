@@ -19,7 +19,8 @@ from gymnasium.vector.utils import batch_space
 
 from conftest import wait_until
 from faults import (CallFaultEnv, CallOnceEnv, CommandFault, CounterEnv, CrashesAtEnv,
-                    EntropyEnv, ResetFaultEnv, ScaledEnv, SlowStepEnv)
+                    EntropyEnv, ResetFaultEnv, ScaledEnv, SlowStepEnv, SnapshotCommandFault,
+                    SnapshotEnv)
 from fastvec import FastVectorEnv, WorkerFailure
 from test_equivalence import assert_same
 
@@ -63,14 +64,15 @@ def inject(fast: FastVectorEnv, kind: str, env_index: int, command_dir) -> None:
 
 
 def run_with_faults(make, mode, envs_per_worker, tmp_path, *, steps=120, every=13,
-                    num_envs=4, action_seed=3):
+                    num_envs=4, action_seed=3, **options):
     """Both vector envs through the same seeds and actions, a fault every ``every`` steps;
     returns (faults injected, episodes resumed, episodes ended)."""
     sync = SyncVectorEnv([functools.partial(make, None, i) for i in range(num_envs)],
                          autoreset_mode=mode)
     fast = FastVectorEnv([functools.partial(make, str(tmp_path), i) for i in range(num_envs)],
                          autoreset_mode=mode, envs_per_worker=envs_per_worker,
-                         heartbeat_interval=0.05, heartbeat_timeout=0.5, max_restarts=100)
+                         heartbeat_interval=0.05, heartbeat_timeout=0.5, max_restarts=100,
+                         **options)
     faults = resumed = episodes = 0
     try:
         actions = batch_space(sync.single_action_space, num_envs)
@@ -424,3 +426,46 @@ def test_first_ready_batches_resume_a_lost_worker(tmp_path):
     finally:
         fast.close()
         sync.close()
+
+
+
+def snapshotted(command_dir=None, index=0):
+    return SnapshotCommandFault(SnapshotEnv(), command_dir, index)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_replays_start_from_the_latest_snapshot(mode, tmp_path):
+    """snapshot_every=4: the same results as SyncVectorEnv under faults, and each replay
+    only as long as the steps since the env's latest snapshot."""
+    faults, resumed, _ = run_with_faults(snapshotted, mode, 2, tmp_path, snapshot_every=4)
+    assert resumed == faults * 2
+
+
+def test_a_snapshot_replay_is_short_and_a_call_before_it_is_not_skipped():
+    env = FastVectorEnv([SnapshotEnv] * 2, snapshot_every=5)
+    try:
+        env.reset(seed=[1, 2])
+        a = np.ones(2, np.int64)
+        for _ in range(13):
+            obs, *_ = env.step(a)
+        assert (obs[:, 1] == 13).all()  # both still in their first episode (>= 20 steps)
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        *_, info = env.step(a)
+        assert info["_worker_resumed"].tolist() == [True, False]
+        assert env.health()[0]["replayed_steps"] == 3  # from the snapshot at step 10
+        env.set_attr("index", [7, 8])  # a call: later snapshots must not skip it
+        for _ in range(2):
+            env.step(a)
+        os.kill(env.health()[1]["pid"], signal.SIGKILL)
+        *_, info = env.step(a)
+        assert info["_worker_resumed"].tolist() == [False, True]
+        assert env.health()[1]["replayed_steps"] == 16  # the whole episode: the call is in it
+    finally:
+        env.close()
+
+
+def test_snapshot_options_are_checked():
+    with pytest.raises(ValueError, match="snapshot_every must be"):
+        FastVectorEnv([CounterEnv], snapshot_every=0)
+    with pytest.raises(ValueError, match="resume='off'"):
+        FastVectorEnv([CounterEnv], snapshot_every=5, resume="off")
