@@ -49,8 +49,11 @@ class Wrapped:
     """A GymWrapper over a FastVectorEnv, with the resets fastvec received and the
     ``worker_restarted`` info read into the tensordict."""
 
-    def __init__(self, mode: AutoresetMode):
-        self.fast = FastVectorEnv([cartpole] * N, autoreset_mode=mode, context="fork")
+    def __init__(self, mode: AutoresetMode, resume: str = "off"):
+        # resume="off": these tests pin the truncation path through TorchRL; with resume
+        # a killed worker's episode goes on (test_worker_killed_mid_rollout_resumes_it)
+        self.fast = FastVectorEnv([cartpole] * N, autoreset_mode=mode, context="fork",
+                                  resume=resume)
         self.resets: list[np.ndarray | None] = []   # reset_mask of each reset, None: all
         reset = self.fast.reset
 
@@ -78,8 +81,8 @@ class Wrapped:
 def wrapped():
     made = []
 
-    def make(mode):
-        made.append(Wrapped(mode))
+    def make(mode, resume="off"):
+        made.append(Wrapped(mode, resume))
         return made[-1]
 
     yield make
@@ -159,6 +162,30 @@ def test_worker_killed_mid_rollout_truncates_its_env(wrapped, mode):
     assert [h["restarts"] for h in w.fast.health()] == [0, 1, 0]
     if mode == AutoresetMode.DISABLED:
         assert any(m is not None and m[victim] for m in w.resets[1:])
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_worker_killed_mid_rollout_resumes_it(wrapped, mode):
+    """With resume (the default) the rollout is the one a run without the kill gives."""
+    tds = []
+    for kill in (False, True):
+        w = wrapped(mode, resume="auto")
+        torch.manual_seed(0)
+        w.env.set_seed(0)
+        calls = [0]
+
+        def kill_during_rollout(env, td):
+            calls[0] += 1
+            if kill and calls[0] == 5:
+                w.kill_worker(1)
+
+        tds.append(w.env.rollout(30, break_when_any_done=False, callback=kill_during_rollout))
+        assert not tds[-1]["next", "worker_restarted"].any()
+    plain, killed = tds
+    for key in (("observation",), ("next", "observation"), ("next", "reward"),
+                ("next", "terminated"), ("next", "truncated"), ("action",)):
+        assert torch.equal(plain[key], killed[key]), key
+    assert [h["resumed"] for h in w.fast.health()] == [0, 1, 0]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
