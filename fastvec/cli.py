@@ -2,8 +2,9 @@
 the job, through what each publishes in its own shared memory (fastvec/stats.py).
 
     fastvec top [--once] [--json] [--interval S] [--window S]   per-worker view (top.py)
+    fastvec export --port N [--addr A] [--once]                 Prometheus /metrics (export.py)
 
-It only reads: nothing in the training script changes, and nothing in the job waits.
+Both only read: nothing in the training script changes, and nothing in the job waits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--window", type=float, default=0.5,
                      help="with --once: seconds between the two looks that rates and "
                      "latencies cover (default 0.5)")
+    export = sub.add_parser("export", help="serve the same numbers to Prometheus",
+                            description="Serve the statistics of every live FastVectorEnv "
+                            "instance of this user on /metrics (needs the [metrics] extra).")
+    export.add_argument("--port", type=int, required=True,
+                        help="TCP port to listen on (0: any free port, printed)")
+    export.add_argument("--addr", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    export.add_argument("--once", action="store_true",
+                        help="print one scrape to stdout and exit")
     return p
 
 
@@ -42,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return top.run(once=args.once, as_json=args.json, interval=args.interval,
                        window=args.window)
-    return 2  # pragma: no cover - argparse accepts only the commands above
+    from fastvec import export
+
+    return export.run(port=args.port, addr=args.addr, once=args.once)
 
 
 if __name__ == "__main__":  # python -m fastvec.cli
