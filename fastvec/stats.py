@@ -108,7 +108,7 @@ def read_header(buf) -> Header | None:
             f"stats header of layout version {version}; this fastvec reads layout version "
             f"{VERSION} only: run the fastvec release that the job runs")
     fits = (header_size == HEADER_SIZE and ctl_size == _ring.CTL_SIZE and seg_size == size
-            and buckets == _ring.HIST_BUCKETS and 0 < k and 0 < workers <= envs
+            and buckets == _ring.HIST_BUCKETS and 0 < k and 0 < workers == -(-envs // k)
             and workers * ctl_size <= size - HEADER_SIZE)
     if not fits:
         raise StatsLayoutError(

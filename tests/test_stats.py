@@ -157,6 +157,7 @@ def test_header_round_trip_and_envs_of_each_worker():
     (0, b"XXXX", "no fastvec stats header"),
     (12, 256, "inconsistent"),
     (16, 100, "inconsistent"),  # more control blocks than the segment holds
+    (16, 1, "inconsistent"),  # 3 envs, 2 per worker: 2 workers, not 1
     (48, 4096, "inconsistent"),  # the header's own idea of the segment's size
 ])
 def test_headers_this_fastvec_cannot_read_are_refused(offset, value, match):
