@@ -71,6 +71,8 @@ class Sampler:
             else:
                 window = None
         rss = self._rss.setdefault(key, collections.deque())
+        if prev is not None and prev[1].pid != ws.pid:
+            rss.clear()  # a new process: its memory is its own trend
         rss.append((now, ws.rss_bytes))
         while now - rss[0][0] > RSS_SPAN:
             rss.popleft()
@@ -137,6 +139,13 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
+def _beat(seconds: float | None) -> str:
+    """A heartbeat's age: to the millisecond (beats come every 50 ms by default)."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def _envs(envs: list) -> str:
     if not envs:
         return "-"
@@ -171,7 +180,7 @@ def render(report: dict):
             table.add_row(
                 str(w["worker"]), _num(w["pid"]), _envs(w["envs"]),
                 Text(w["state"], style=_STATE_STYLE.get(w["state"], "")),
-                _dur(w["heartbeat_age_s"]), _num(w["steps_per_s"], "{:,.0f}"),
+                _beat(w["heartbeat_age_s"]), _num(w["steps_per_s"], "{:,.0f}"),
                 _dur(_sec(w["step_p50_ms"])), _dur(_sec(w["step_p99_ms"])),
                 str(w["restarts"]), last, _bytes(w["rss_bytes"]),
                 _trend(w["rss_trend_bytes_per_s"]))
