@@ -269,7 +269,7 @@ class Supervisor:
                                        f"{type(exc).__name__}: {exc}", cause=exc)
                 raise
             slot.process = proc
-            slot.ready = False
+            slot.ready = slot.resumed = False  # a new process: resumed once it replays
             slot.publish()
             self.watchdog.watch(slot)
         self.watchdog.poke()
