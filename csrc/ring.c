@@ -16,9 +16,16 @@ _Static_assert(sizeof(fv_ctl) == FV_CTL_SIZE, "fv_ctl must be FV_CTL_SIZE bytes"
 _Static_assert(offsetof(fv_ctl, req_seq) == 64, "request line at 64");
 _Static_assert(offsetof(fv_ctl, flags) == 96, "flags at 96");
 _Static_assert(offsetof(fv_ctl, batch_epoch) == 100, "batch_epoch at 100");
+_Static_assert(sizeof(fv_pub) % 8 == 0, "fv_pub is copied in words");
 _Static_assert(sizeof(fv_batch) == FV_BATCH_SIZE, "fv_batch must be FV_BATCH_SIZE bytes");
 _Static_assert(offsetof(fv_ctl, resp_seq) == 128, "reply line at 128");
 _Static_assert(offsetof(fv_ctl, liveness) == 192, "liveness line at 192");
+_Static_assert(offsetof(fv_ctl, beat_ns) == 208, "beat_ns at 208");
+_Static_assert(offsetof(fv_ctl, pub_seq) == 256, "statistics lines at 256");
+_Static_assert(offsetof(fv_ctl, pub.restarts) == 320, "restarts at 320");
+_Static_assert(offsetof(fv_ctl, pub.last_detail) == 384, "last_detail at 384");
+_Static_assert(offsetof(fv_ctl, step_ns_sum) == 512, "step latencies at 512");
+_Static_assert(offsetof(fv_ctl, step_hist) == 576, "step_hist at 576");
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -60,7 +67,9 @@ void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation, int64_t 
     RELAXED(&c->episodes, 0);
     RELAXED(&c->rss_bytes, 0);
     RELAXED(&c->payload_cap, 0);
-    /* nobody reads or writes the reserved bytes */
+    RELAXED(&c->beat_ns, 0);
+    /* lines 4-15 count over the slot's life: left alone. Nobody reads or writes the
+       reserved bytes */
     memset(c->_r0, 0, sizeof c->_r0);
     memset(c->_r1, 0, sizeof c->_r1);
     memset(c->_r3, 0, sizeof c->_r3);
@@ -174,16 +183,29 @@ int fv_sem_trywait(sem_t *s) {
 
 void fv_begin(fv_ctl *c) { STORE(&c->busy_since_ns, fv_now_ns()); }
 
+uint32_t fv_hist_bucket(uint64_t ns) {
+    uint32_t b = 63u - (uint32_t)__builtin_clzll(ns | 1u);
+    return b < FV_HIST_BUCKETS ? b : FV_HIST_BUCKETS - 1;
+}
+
 void fv_complete(fv_ctl *c, uint64_t seq, int32_t status, uint64_t payload_len) {
     uint64_t started = LOAD(&c->busy_since_ns);
     uint64_t now = fv_now_ns();
+    uint64_t took = started ? now - started : 0;
+    /* read before the reply goes out: the parent may write its next request right after */
+    int step = started && c->opcode == FV_OP_STEP;
     RELAXED(&c->status, status);
     RELAXED(&c->resp_payload_len, payload_len);
-    if (LOAD(&c->opcode) != FV_OP_REPLAY)
-        RELAXED(&c->last_request_ns, started ? now - started : 0);
+    if (LOAD(&c->opcode) != FV_OP_REPLAY) /* a replay is many steps, not one */
+        RELAXED(&c->last_request_ns, took);
     RELAXED(&c->progress, c->progress + 1);
     RELAXED(&c->busy_since_ns, 0);
     STORE(&c->resp_seq, seq);
+    if (step) { /* statistics, after the reply: they never delay it (only this worker writes) */
+        uint32_t b = fv_hist_bucket(took);
+        RELAXED(&c->step_ns_sum, c->step_ns_sum + took);
+        RELAXED(&c->step_hist[b], c->step_hist[b] + 1);
+    }
 }
 
 void fv_send_batch(fv_batch *b, uint32_t epoch, fv_ctl *const *ctls, sem_t *const *sems,
@@ -318,8 +340,11 @@ int fv_heartbeat_beat(fv_ctl *c, uint32_t generation) {
         if (beats == 0) beats = 1; /* 0 means "never beat" */
         uint64_t next = ((uint64_t)generation << 32) | beats;
         if (__atomic_compare_exchange_n(&c->liveness, &cur, next, 0, __ATOMIC_RELEASE,
-                                        __ATOMIC_RELAXED))
+                                        __ATOMIC_RELAXED)) {
+            /* for readers' "heartbeat age"; a retiring worker (CAS failed) never gets here */
+            RELAXED(&c->beat_ns, fv_now_ns());
             return 1;
+        }
     }
 }
 
@@ -356,6 +381,43 @@ int fv_heartbeat_start(fv_ctl *c, uint32_t interval_ms, int64_t owner_pid) {
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     return rc == 0 ? FV_RC_OK : FV_RC_THREAD;
+}
+
+/* ---- statistics: the parent publishes (seqlock), readers copy ---- */
+
+void fv_publish(fv_ctl *c, const fv_pub *p) {
+    uint64_t seq = LOAD(&c->pub_seq);
+    for (;;) { /* take the write side: even -> odd (another thread of the parent may publish) */
+        if (!(seq & 1) && __atomic_compare_exchange_n(&c->pub_seq, &seq, seq + 1, 0,
+                                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            break;
+        sched_yield();
+        seq = LOAD(&c->pub_seq);
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* the odd seq before any field */
+    const uint64_t *src = (const uint64_t *)p;
+    uint64_t *dst = (uint64_t *)&c->pub;
+    for (size_t i = 0; i < sizeof *p / 8; i++) RELAXED(&dst[i], src[i]);
+    STORE(&c->pub_seq, seq + 2);
+}
+
+static void copy_words(const fv_ctl *c, fv_ctl *out) {
+    const uint64_t *src = (const uint64_t *)c;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof *c / 8; i++) dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+int fv_ctl_snapshot(const fv_ctl *c, fv_ctl *out) {
+    for (int tries = 0; tries < 1000; tries++) {
+        uint64_t seq = LOAD(&c->pub_seq);
+        if (!(seq & 1)) {
+            copy_words(c, out);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy before the second look */
+            if (__atomic_load_n(&c->pub_seq, __ATOMIC_RELAXED) == seq) return FV_RC_OK;
+        }
+        sched_yield();
+    }
+    return FV_RC_BUSY;
 }
 
 int fv_set_parent_death_signal(int sig) {

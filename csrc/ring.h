@@ -9,10 +9,17 @@
  *        obs     [depth][num_envs][leaf shape]   ring of `depth` result slots
  *        action  [num_envs][leaf shape]
  *        reward  [depth][num_envs] float64, terminated/truncated [depth][num_envs] uint8
+ *   [stats header]               the segment's last 64 bytes: magic "FVST", FV_VERSION, the
+ *                                sizes above, num workers/envs, owner pid, created time
+ *                                (fastvec/stats.py), so a reader (fastvec top) finds the
+ *                                control blocks without knowing the spaces
  *
- * Byte layout of one control block (little endian, 64-byte aligned, FV_CTL_SIZE = 256).
+ * Byte layout of one control block (little endian, 64-byte aligned, FV_CTL_SIZE = 1024).
  * Fields written by the parent and by the worker sit on different cache lines (liveness
- * excepted: the parent stores it only at init).
+ * excepted: the parent stores it only at init). Lines 0-3 belong to one generation of the
+ * slot's process and fv_ctl_init wipes them; lines 4-15 are the slot's statistics for
+ * readers outside the job (fastvec top, fastvec export) and count over every generation:
+ * fv_ctl_init leaves them alone.
  *
  *   off size  field             writer   meaning
  *     0    4  magic             parent   FV_MAGIC; anything else means "not initialised"
@@ -43,7 +50,28 @@
  *                                         at 196): the parent stores generation << 32 at init,
  *                                         the worker's heartbeat thread adds a beat per interval
  *   200    8  payload_cap       worker   current size of the worker's side buffer
- *   208   48  (reserved)
+ *   208    8  beat_ns           worker   CLOCK_MONOTONIC ns of the latest beat (0: none yet)
+ *   216   40  (reserved)
+ *  -- statistics (not wiped at init) --
+ *   256    8  pub_seq           parent   seqlock of lines 4-7: odd while the parent writes them
+ *   264    4  state             parent   FV_STATE_*
+ *   268    4  last_reason       parent   FV_REASON_* of the latest failure or recycling (0: none)
+ *   272    8  last_failure_ns   parent   CLOCK_REALTIME ns of it
+ *   280    8  base_requests     parent   requests the slot's earlier generations finished
+ *   288    8  base_episodes     parent   episodes the slot's earlier generations finished
+ *   296    8  recycles          parent   planned replacements
+ *   304   16  (reserved)
+ *   320   64  restarts[8]       parent   restarts by reason: restarts[FV_REASON_x - 1]
+ *   384  128  last_detail       parent   the latest failure's text, UTF-8, NUL-padded
+ *   512    8  step_ns_sum       worker   sum of the durations of every STEP request
+ *   520   56  (reserved)
+ *   576  448  step_hist[56]     worker   STEP requests by duration d (ns): bucket b counts
+ *                                         floor(log2(max(d, 1))) == b, the last one >= 2^55
+ *
+ * Statistics cost the step path two stores in fv_complete, after the reply is published.
+ * The parent's lines 4-7 change only on the failure path, under a seqlock (fv_publish):
+ * a reader copies the block with fv_ctl_snapshot and retries while pub_seq is odd or moved.
+ * A late writer of a replaced generation can only add to a count that really happened.
  *
  * Protocol: the parent writes the request fields, then req_seq (release); posts the
  * worker's request semaphore. The worker reads req_seq (acquire), then the fields;
@@ -82,9 +110,12 @@
 #include <stdint.h>
 
 #define FV_MAGIC 0x31525646u /* "FVR1" */
-#define FV_VERSION 3u /* 3: liveness carries its generation */
-#define FV_CTL_SIZE 256
+#define FV_VERSION 4u /* 3: liveness carries its generation; 4: statistics lines, stats header */
+#define FV_CTL_SIZE 1024
 #define FV_BATCH_SIZE 64
+#define FV_REASONS 8
+#define FV_DETAIL_SIZE 128
+#define FV_HIST_BUCKETS 56
 
 /* Opcodes: one place, shared by C and Python (fastvec/_ring.pxd re-exports them). */
 enum {
@@ -112,6 +143,29 @@ enum {
     FV_ST_MISMATCH = 2,  /* the env returned data that does not fit its space */
 };
 
+/* Slot states (lines 4-7), published by the parent for readers outside the job. */
+enum {
+    FV_STATE_NONE = 0,      /* no process started yet */
+    FV_STATE_STARTING = 1,  /* a process was started, its envs are being built */
+    FV_STATE_SERVING = 2,
+    FV_STATE_REPLACING = 3, /* failed or recycled: its process is being replaced */
+    FV_STATE_DISABLED = 4,  /* out of play: the restart budget ran out */
+    FV_STATE_RESUMED = 5,   /* serving an episode replayed after a replacement */
+};
+
+/* Why a slot's process was replaced (Failure.reason in fastvec/failures.py). */
+enum {
+    FV_REASON_NONE = 0,
+    FV_REASON_DIED = 1,
+    FV_REASON_FROZEN = 2,
+    FV_REASON_HUNG = 3,
+    FV_REASON_EXCEPTION = 4,
+    FV_REASON_START = 5,
+    FV_REASON_MISMATCH = 6,
+    FV_REASON_RECYCLE = 7,
+    FV_REASON_OTHER = 8,
+};
+
 /* Return codes of the C functions. */
 enum {
     FV_RC_OK = 0,
@@ -119,10 +173,24 @@ enum {
     FV_RC_BAD_VERSION = -2,
     FV_RC_THREAD = -3,
     FV_RC_SYSCALL = -4,
+    FV_RC_BUSY = -5, /* fv_ctl_snapshot: the parent kept publishing */
 };
 
 /* Exit code of a worker whose parent disappeared. */
 #define FV_EXIT_ORPHANED 75
+
+/* What the parent publishes of a slot (lines 4-7 after pub_seq; see the table above). */
+typedef struct fv_pub {
+    uint32_t state;
+    uint32_t last_reason;
+    uint64_t last_failure_ns;
+    uint64_t base_requests;
+    uint64_t base_episodes;
+    uint64_t recycles;
+    uint8_t _r4[16];
+    uint64_t restarts[FV_REASONS];
+    char last_detail[FV_DETAIL_SIZE];
+} fv_pub;
 
 typedef struct fv_ctl {
     /* parent line 0 */
@@ -154,7 +222,15 @@ typedef struct fv_ctl {
     /* worker line 3: liveness */
     uint64_t liveness; /* generation << 32 | beats */
     uint64_t payload_cap;
-    uint8_t _r3[48];
+    uint64_t beat_ns;
+    uint8_t _r3[40];
+    /* parent lines 4-7: the slot's statistics, seqlock'd (not wiped at init) */
+    uint64_t pub_seq;
+    fv_pub pub;
+    /* worker lines 8-15: step latencies (not wiped at init) */
+    uint64_t step_ns_sum;
+    uint8_t _r8[56];
+    uint64_t step_hist[FV_HIST_BUCKETS];
 } fv_ctl;
 
 typedef struct fv_batch {
@@ -253,5 +329,14 @@ void fv_reply(fv_ctl *c, fv_batch *b, sem_t *done, uint64_t seq, int32_t status,
 
 /* CLOCK_MONOTONIC in ns: the clock both sides compare busy_since_ns against. */
 uint64_t fv_now_ns(void);
+
+/* Statistics. fv_publish (parent, failure path): copy *p into the block's lines 4-7 under
+   the seqlock (writers exclude each other, so any thread of the parent may publish).
+   fv_ctl_snapshot (any reader, a read-only mapping will do): copy the whole block into
+   *out word by word, lines 4-7 consistent; FV_RC_BUSY if the parent kept publishing
+   through every try. fv_hist_bucket: the step_hist bucket of a duration. */
+void fv_publish(fv_ctl *c, const fv_pub *p);
+int fv_ctl_snapshot(const fv_ctl *c, fv_ctl *out);
+uint32_t fv_hist_bucket(uint64_t ns);
 
 #endif

@@ -12,6 +12,9 @@ cdef extern from "ring.h" nogil:
         FV_CTL_SIZE
         FV_BATCH_SIZE
         FV_EXIT_ORPHANED
+        FV_REASONS
+        FV_DETAIL_SIZE
+        FV_HIST_BUCKETS
     enum:
         FV_OP_NONE
         FV_OP_RESET
@@ -33,6 +36,34 @@ cdef extern from "ring.h" nogil:
         FV_RC_BAD_VERSION
         FV_RC_THREAD
         FV_RC_SYSCALL
+        FV_RC_BUSY
+    enum:
+        FV_STATE_NONE
+        FV_STATE_STARTING
+        FV_STATE_SERVING
+        FV_STATE_REPLACING
+        FV_STATE_DISABLED
+        FV_STATE_RESUMED
+    enum:
+        FV_REASON_NONE
+        FV_REASON_DIED
+        FV_REASON_FROZEN
+        FV_REASON_HUNG
+        FV_REASON_EXCEPTION
+        FV_REASON_START
+        FV_REASON_MISMATCH
+        FV_REASON_RECYCLE
+        FV_REASON_OTHER
+
+    ctypedef struct fv_pub:
+        uint32_t state
+        uint32_t last_reason
+        uint64_t last_failure_ns
+        uint64_t base_requests
+        uint64_t base_episodes
+        uint64_t recycles
+        uint64_t restarts[FV_REASONS]
+        char last_detail[FV_DETAIL_SIZE]
 
     ctypedef struct fv_ctl:
         uint32_t magic
@@ -58,6 +89,11 @@ cdef extern from "ring.h" nogil:
         uint64_t rss_bytes
         uint64_t liveness
         uint64_t payload_cap
+        uint64_t beat_ns
+        uint64_t pub_seq
+        fv_pub pub
+        uint64_t step_ns_sum
+        uint64_t step_hist[FV_HIST_BUCKETS]
 
     void fv_ctl_init(fv_ctl *c, uint32_t worker_index, uint32_t generation,
                      int64_t owner_pid, uint64_t start_seq) noexcept
@@ -105,6 +141,9 @@ cdef extern from "ring.h" nogil:
                   uint64_t payload_len, uint32_t flags, uint32_t epoch) noexcept
     int fv_sem_wait(sem_t *s, int64_t timeout_ns) noexcept
     int fv_sem_trywait(sem_t *s) noexcept
+    void fv_publish(fv_ctl *c, const fv_pub *p) noexcept
+    int fv_ctl_snapshot(const fv_ctl *c, fv_ctl *out) noexcept
+    uint32_t fv_hist_bucket(uint64_t ns) noexcept
 
 
 cdef class Ctl:

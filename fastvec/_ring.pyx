@@ -7,6 +7,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
 
 cdef extern from "<semaphore.h>" nogil:
     sem_t *sem_open(const char *name, int oflag)
@@ -31,13 +32,34 @@ BATCH_SIZE = FV_BATCH_SIZE
 REQ_COUNTED = FV_REQ_COUNTED
 REQ_NO_SPIN = FV_REQ_NO_SPIN
 MAGIC = FV_MAGIC
+VERSION = FV_VERSION
 EXIT_ORPHANED = FV_EXIT_ORPHANED
+# statistics (lines 4-15 of a control block): states, reasons, histogram
+STATE_NONE = FV_STATE_NONE
+STATE_STARTING = FV_STATE_STARTING
+STATE_SERVING = FV_STATE_SERVING
+STATE_REPLACING = FV_STATE_REPLACING
+STATE_DISABLED = FV_STATE_DISABLED
+STATE_RESUMED = FV_STATE_RESUMED
+REASON_NONE = FV_REASON_NONE
+REASON_DIED = FV_REASON_DIED
+REASON_FROZEN = FV_REASON_FROZEN
+REASON_HUNG = FV_REASON_HUNG
+REASON_EXCEPTION = FV_REASON_EXCEPTION
+REASON_START = FV_REASON_START
+REASON_MISMATCH = FV_REASON_MISMATCH
+REASON_RECYCLE = FV_REASON_RECYCLE
+REASON_OTHER = FV_REASON_OTHER
+REASONS = FV_REASONS
+DETAIL_SIZE = FV_DETAIL_SIZE
+HIST_BUCKETS = FV_HIST_BUCKETS
 
 cdef dict _RC_MESSAGES = {
     FV_RC_BAD_MAGIC: "control block has no fastvec magic (never initialised or overwritten)",
     FV_RC_BAD_VERSION: "control block was written by another fastvec version",
     FV_RC_THREAD: "could not start the heartbeat thread",
     FV_RC_SYSCALL: "a system call failed",
+    FV_RC_BUSY: "the parent kept publishing the block's statistics through every try",
 }
 
 
@@ -55,6 +77,45 @@ def now_ns():
 def stop_heartbeat():
     """Stop this process's heartbeat thread from beating (a retiring worker)."""
     fv_heartbeat_stop()
+
+
+def hist_bucket(uint64_t ns):
+    """The step_hist bucket of a duration of ``ns`` nanoseconds (floor(log2), capped)."""
+    return fv_hist_bucket(ns)
+
+
+def snapshot(const unsigned char[::1] buf not None, Py_ssize_t offset):
+    """A copy of the control block at ``offset`` of ``buf`` (a read-only mapping will do)
+    as a dict of its fields, the parent's statistics consistent (seqlock). For readers
+    outside the job (fastvec top); it never writes. RingError if the parent kept
+    publishing through every try."""
+    cdef fv_ctl out
+    cdef int rc
+    cdef Py_ssize_t i
+    if offset < 0 or offset % 64 or offset + FV_CTL_SIZE > buf.shape[0]:
+        raise ValueError(f"control block at offset {offset} does not fit a "
+                         f"{buf.shape[0]}-byte buffer at 64-byte alignment")
+    with nogil:
+        rc = fv_ctl_snapshot(<const fv_ctl *>&buf[offset], &out)
+    _check(rc)
+    detail = (<char *>out.pub.last_detail)[:FV_DETAIL_SIZE].split(b"\0", 1)[0]
+    return {
+        "magic": out.magic, "version": out.version, "worker_index": out.worker_index,
+        "generation": out.generation, "owner_pid": out.owner_pid,
+        "req_seq": out.req_seq, "opcode": out.opcode, "resp_seq": out.resp_seq,
+        "status": out.status, "worker_pid": out.worker_pid,
+        "busy_since_ns": out.busy_since_ns, "last_request_ns": out.last_request_ns,
+        "progress": out.progress, "episodes": out.episodes, "rss_bytes": out.rss_bytes,
+        "heartbeat": <uint32_t>out.liveness, "beat_ns": out.beat_ns,
+        "payload_cap": out.payload_cap,
+        "pub_seq": out.pub_seq, "state": out.pub.state, "last_reason": out.pub.last_reason,
+        "last_failure_ns": out.pub.last_failure_ns, "base_requests": out.pub.base_requests,
+        "base_episodes": out.pub.base_episodes, "recycles": out.pub.recycles,
+        "restarts": [out.pub.restarts[i] for i in range(FV_REASONS)],
+        "last_detail": detail.decode("utf-8", "replace"),
+        "step_ns_sum": out.step_ns_sum,
+        "step_hist": [out.step_hist[i] for i in range(FV_HIST_BUCKETS)],
+    }
 
 
 def set_parent_death_signal(int sig):
@@ -138,6 +199,30 @@ cdef class Ctl:
 
     def complete(self, uint64_t seq, int status, uint64_t payload_len=0):
         fv_complete(self._p(), seq, status, payload_len)
+
+    def publish(self, uint32_t state, restarts, uint64_t recycles=0, uint64_t base_requests=0,
+                uint64_t base_episodes=0, uint32_t last_reason=0,
+                uint64_t last_failure_ns=0, bytes last_detail=b""):
+        """Publish the slot's statistics (lines 4-7) for readers outside the job, under the
+        seqlock: the parent, on the failure path. ``restarts``: FV_REASONS counts, the
+        count of reason code r at r - 1; ``last_detail`` is cut to DETAIL_SIZE - 1 bytes."""
+        cdef fv_pub p
+        cdef Py_ssize_t i, n
+        if len(restarts) != FV_REASONS:
+            raise ValueError(f"restarts needs {FV_REASONS} counts, got {len(restarts)}")
+        memset(&p, 0, sizeof(p))
+        p.state = state
+        p.last_reason = last_reason
+        p.last_failure_ns = last_failure_ns
+        p.base_requests = base_requests
+        p.base_episodes = base_episodes
+        p.recycles = recycles
+        for i in range(FV_REASONS):
+            p.restarts[i] = restarts[i]
+        n = min(len(last_detail), FV_DETAIL_SIZE - 1)
+        if n:
+            memcpy(p.last_detail, <const char *>last_detail, n)
+        fv_publish(self._p(), &p)
 
     def start_heartbeat(self, uint32_t interval_ms, int64_t owner_pid):
         """Start this process's heartbeat thread: it beats the generation now in the block."""
@@ -241,6 +326,17 @@ cdef class Ctl:
     @property
     def payload_cap(self):
         return self._p().payload_cap
+
+    @property
+    def beat_ns(self):
+        """CLOCK_MONOTONIC ns of the latest beat of this generation (0: none yet)."""
+        return self._p().beat_ns
+
+    @property
+    def step_count(self):
+        """STEP requests the slot finished, every generation (the histogram's total)."""
+        cdef fv_ctl *c = self._p()
+        return sum(c.step_hist[i] for i in range(FV_HIST_BUCKETS))
 
     @payload_cap.setter
     def payload_cap(self, uint64_t value):

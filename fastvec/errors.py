@@ -69,6 +69,11 @@ class RingError(FastVecError):
     """A control block in shared memory is not what it should be (corrupt or foreign)."""
 
 
+class StatsLayoutError(FastVecError):
+    """A shared-memory stats header this fastvec cannot read: another layout version, no
+    fastvec magic, or inconsistent sizes (``fastvec top`` and ``fastvec export`` refuse it)."""
+
+
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in a worker; chained as ``__cause__``."""
 

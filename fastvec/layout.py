@@ -10,9 +10,10 @@ leaf gets batched regions in the main segment:
     action [num_envs][*leaf.shape]
 
 plus, per ring slot, reward (float64), terminated and truncated (bool), and the typed
-info columns (fastvec/infos.py). The control
-blocks of the workers and the batch block (csrc/ring.h) come first. Rows of one env are contiguous, so any
-subset of envs can be gathered into a batch (see _raster.gather_rows).
+info columns (fastvec/infos.py). The control blocks of the workers and the batch block
+(csrc/ring.h) come first; the stats header (fastvec/stats.py) comes last, where a reader
+outside the job finds it. Rows of one env are contiguous, so any subset of envs can be
+gathered into a batch (see _raster.gather_rows).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import iterate
 
-from fastvec import _raster, _ring, infos
+from fastvec import _raster, _ring, infos, stats
 
 from fastvec.errors import (ActionBatchTypeError, InvalidActionError, SpaceMismatchError,
                             UnsupportedSpaceError)
@@ -157,7 +158,9 @@ class Plan:
         self.info_values = region((depth, num_envs, infos.COLUMNS), np.int64)
         self.info_present = region((depth, num_envs, infos.COLUMNS), np.uint8)
         self.info_arrays = region((depth, num_envs, infos.ARRAY_BYTES), np.uint8)
-        self.size = offset
+        # the segment's last bytes: found there by readers that do not know the spaces
+        self.stats_offset = offset
+        self.size = offset + stats.HEADER_SIZE
 
     def views(self, buf) -> "Views":
         return Views(self, buf)

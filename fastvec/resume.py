@@ -277,6 +277,8 @@ class Resume:
             if slot in failed:
                 again[slot] = _again(self.sup.dispatch.failure_of(slot), "during its replay")
                 continue
+            slot.replayed = True  # published as "resumed" (fastvec top)
+            slot.publish()
             outcomes[slot] = [Outcome(True, steps=e[1], seconds=e[2], info=e[3] or {})
                               if e[0] == "resumed" else Outcome(False, why=e[1])
                               for e in get_pickle(slot.payload, slot.ctl.resp_payload_len)]

@@ -41,6 +41,8 @@ The API the rest of the package uses::
     create_semaphore(name)             a new semaphore with value 0
     sweep_stale() -> [entries]         unlink what dead owners left; the entries removed
     leftovers() -> [entries]           the entries of /dev/shm that look like fastvec's
+    by_prefix() -> {prefix: [entries]} the same by bare prefix; owner_pid(prefix) its pid
+    open_entry(entry) -> fd or None    read-only, if a regular file of ours (never waits)
 
 Creating a segment allocates all of it (``posix_fallocate``), so a full /dev/shm is a
 :class:`SharedMemoryFullError` when the env is built, never a SIGBUS on a later write.
@@ -403,6 +405,14 @@ def _unlink_entry(entry: str) -> bool:
     return unlink_segment("/" + entry)
 
 
+def by_prefix() -> dict[str, list[str]]:
+    """:func:`leftovers` grouped by bare prefix (``fv<pid>_<hex>_``)."""
+    out: dict[str, list[str]] = {}
+    for entry in leftovers():
+        out.setdefault(_OWNED.match(entry).group(1), []).append(entry)
+    return out
+
+
 def _mine(entry: str) -> bool:
     """Whether ``entry`` is a regular file of this user. A symlink is not followed, and
     another user's name, a FIFO or a device node is never ours to open or unlink (root
@@ -414,7 +424,7 @@ def _mine(entry: str) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
-def _owner_pid(bare_prefix: str) -> int | None:
+def owner_pid(bare_prefix: str) -> int | None:
     """The pid in a prefix; None where it cannot be a pid (then the prefix is not fastvec's)."""
     try:
         pid = int(bare_prefix[len(NAME_PREFIX):].split("_", 1)[0])
@@ -430,18 +440,31 @@ def _age(entry: str) -> float:
         return 0.0
 
 
+def open_entry(entry: str) -> int | None:
+    """A read-only descriptor on /dev/shm/<entry> if it is a regular file of this user, else
+    None. It never follows a symlink and never waits: O_NONBLOCK, for a name that became a
+    FIFO since it was checked (opening one would wait for a writer)."""
+    if not _mine(entry):
+        return None
+    try:
+        fd = os.open(os.path.join(SHM_DIR, entry),
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone meanwhile, or a symlink now
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        return fd
+    os.close(fd)  # replaced since the lstat by something not ours
+    return None
+
+
 def _sweep_locked(lock: str, entries: list[str], min_age: float) -> list[str]:
     """Unlink ``entries`` and ``lock`` if nobody holds the lock; the entries removed."""
-    # O_NONBLOCK: were it a FIFO by now, opening it would wait for a writer.
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(os.path.join(SHM_DIR, lock), flags)
-    except OSError:  # closed meanwhile, or replaced by a symlink
+    fd = open_entry(lock)
+    if fd is None:
         return []
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return []  # replaced since the lstat by something not ours
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -480,12 +503,9 @@ def sweep_stale(min_age: float = ORPHAN_AGE) -> list[str]:
     fastvec's (another user's, a FIFO, a symlink, a pid out of range) is skipped, never
     raised about.
     """
-    by_prefix: dict[str, list[str]] = {}
-    for entry in leftovers():
-        by_prefix.setdefault(_OWNED.match(entry).group(1), []).append(entry)
     removed: list[str] = []
-    for bare, entries in by_prefix.items():
-        pid = _owner_pid(bare)
+    for bare, entries in by_prefix().items():
+        pid = owner_pid(bare)
         if pid is None:
             log.debug("sweep: skipped %s*: the pid in the name is out of range", bare)
             continue

@@ -10,7 +10,9 @@
                               alarm and posts done_sem so the waiting parent wakes at once.
 
 A failed slot is dirty: its process is killed, its control block re-initialised and its
-request semaphore recreated under a new name before a new process starts in it. Which
+request semaphore recreated under a new name before a new process starts in it. Each slot
+publishes its state, restarts and last failure in its control block at every such turn
+(:meth:`Slot.publish`, never on the step path) for readers outside the job (fastvec top). Which
 process to start and what it must do first is recovery's decision (fastvec/recovery.py);
 how requests are numbered, sent and waited for is fastvec/dispatch.py's (``sup.dispatch``);
 how workers are judged is fastvec/watchdog.py's; this module only runs processes.
@@ -28,7 +30,7 @@ import time
 import numpy as np
 import posix_ipc
 
-from fastvec import _ring
+from fastvec import _ring, stats
 from fastvec.dispatch import Dispatcher, get_error
 from fastvec.errors import RingError, WaitTimeout
 from fastvec.failures import Failure, describe_exit
@@ -53,9 +55,12 @@ class Slot:
     req_sem_name = None
     req_handle: _ring.SemHandle | None = None  # a C handle on it: posts, and the step path
     failure: Failure | None = None  # set by the watchdog (or a failed start)
-    disabled: Failure | None = None  # out of play: the restart budget ran out
+    _disabled: Failure | None = None  # out of play: the restart budget ran out
     lost: Failure | None = None  # replaced outside a step: the next step reports it
     expected = 0  # seq of the request whose reply we wait for
+    ready = False  # its process built its envs (await_ready)
+    replayed = False  # its process serves episodes it replayed (published as "resumed")
+    base_requests = base_episodes = 0  # what the slot's earlier generations finished
 
     def __init__(self, index: int, env_indices: tuple, env_fns: list, payload: Segment,
                  ctl: _ring.Ctl):
@@ -79,6 +84,44 @@ class Slot:
     @property
     def done(self) -> bool:
         return self.ctl.resp_seq == self.expected
+
+    @property
+    def disabled(self) -> Failure | None:
+        """Why the slot is out of play (the restart budget ran out), or None."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, failure: Failure | None) -> None:
+        self._disabled = failure
+        self.publish()
+
+    def state(self) -> int:
+        """The slot's state as published (``_ring.STATE_*``)."""
+        if self._disabled is not None:
+            return _ring.STATE_DISABLED
+        if self.process is None or self.failure is not None:
+            return _ring.STATE_REPLACING
+        if not self.ready:
+            return _ring.STATE_STARTING
+        return _ring.STATE_RESUMED if self.replayed else _ring.STATE_SERVING
+
+    def publish(self) -> None:
+        """Publish the slot's state, restarts by reason and last failure in its control
+        block for readers outside the job (fastvec top, fastvec export). Called where the
+        slot turns (start, ready, kill, retire, disable), never on the step path."""
+        try:
+            stats.publish_slot(self.ctl, self.state(), self.reasons, recycles=self.recycles,
+                               base_requests=self.base_requests,
+                               base_episodes=self.base_episodes,
+                               last_failure=self.last_failure)
+        except RingError:  # the block was released: the env is closed
+            pass
+
+    def new_generation(self) -> None:
+        """Before the control block is re-initialised for a new process: keep what the
+        outgoing generation finished, which the init wipes (a fresh block counts 0)."""
+        self.base_requests += int(self.ctl.progress)
+        self.base_episodes += int(self.ctl.episodes)
 
     @property
     def serving(self) -> bool:
@@ -151,6 +194,10 @@ class Supervisor:
         self.done_sem_name = self.done_sem.name
         self.done_handle = _ring.SemHandle(self.done_sem_name)  # waits that let signals through
         self.batch = _ring.Batch(main.mm, plan.batch_offset)
+        self.closing = False  # shutdown began: slots no longer publish their turns
+        stats.write_header(main.mm, num_workers=len(slots_envs), num_envs=plan.num_envs,
+                           envs_per_worker=max(len(e) for e in slots_envs),
+                           owner_pid=os.getpid())
         for w, env_indices in enumerate(slots_envs):
             payload = names.new_segment(f"p{w}", 64 * 1024)
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
@@ -171,8 +218,12 @@ class Supervisor:
         return [slot.health() for slot in self.slots]
 
     def _alarm(self) -> None:
-        """The watchdog flagged a slot: a sleeping wait returns to look at it."""
+        """The watchdog flagged a slot: a sleeping wait returns to look at it (and readers
+        outside the job see the slot being replaced)."""
         self.dispatch.alarm()
+        for slot in self.slots:
+            if slot.failure is not None and not self.closing:
+                slot.publish()
 
     # -- processes -------------------------------------------------------------------
     def start_process(self, slot: Slot, pending_seeds: tuple | None = None) -> None:
@@ -196,6 +247,7 @@ class Supervisor:
                 slot.req_sem_name = slot.req_sem.name
                 slot.req_handle = _ring.SemHandle(slot.req_sem_name)
                 start_seq = self.dispatch.next_seq()
+                slot.new_generation()
                 slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
                 slot.expected = start_seq
                 slot.failure = None
@@ -225,6 +277,8 @@ class Supervisor:
                                        f"{type(exc).__name__}: {exc}", cause=exc)
                 raise
             slot.process = proc
+            slot.ready = slot.replayed = False  # a new process: "resumed" once it replays
+            slot.publish()
             self.watchdog.watch(slot)
         self.watchdog.poke()
 
@@ -246,12 +300,17 @@ class Supervisor:
                 continue
             if failed:
                 out[slot] = self.dispatch.failure_of(slot, "start")
+            else:
+                slot.ready = True
+                slot.publish()
         return out
 
     def kill_slot(self, slot: Slot) -> None:
         """SIGKILL the slot's process (a failed one: nothing of it is worth keeping)."""
         with self.lock:
             proc, slot.process = slot.process, None
+        if not self.closing:
+            slot.publish()
         if proc is not None:
             self._kill(proc)
 
@@ -265,6 +324,7 @@ class Supervisor:
             proc, slot.process = slot.process, None
             if proc is None:
                 return
+            slot.publish()
             try:
                 os.kill(proc.pid, signal.SIGUSR1)
             except ProcessLookupError:
@@ -317,6 +377,7 @@ class Supervisor:
     def shutdown(self, timeout: float | None, terminate: bool) -> None:
         """Ask, then terminate, then kill, then join: at most ``timeout`` (default 5 s) for
         the workers to close their envs, then about 1 s more per stage."""
+        self.closing = True
         self.watchdog.stop()
         live = [s for s in self.slots if s.process is not None and s.process.exitcode is None
                 and not self.serial]

@@ -39,12 +39,19 @@ OFFSETS = {
     "resp_payload_len": (144, "<Q"), "busy_since_ns": (152, "<Q"),
     "last_request_ns": (160, "<Q"), "progress": (168, "<Q"), "episodes": (176, "<Q"),
     "rss_bytes": (184, "<Q"), "heartbeat": (192, "<I"), "payload_cap": (200, "<Q"),
+    "beat_ns": (208, "<Q"),
+    # the statistics lines: not wiped at init (fastvec/stats.py)
+    "pub_seq": (256, "<Q"), "state": (264, "<I"), "last_reason": (268, "<I"),
+    "last_failure_ns": (272, "<Q"), "base_requests": (280, "<Q"),
+    "base_episodes": (288, "<Q"), "recycles": (296, "<Q"), "restarts": (320, "<8Q"),
+    "last_detail": (384, "128s"), "step_ns_sum": (512, "<Q"), "step_hist": (576, "<56Q"),
 }
 
 
 def raw(buf, field, base=0):
     off, fmt = OFFSETS[field]
-    return struct.unpack_from(fmt, buf, base + off)[0]
+    values = struct.unpack_from(fmt, buf, base + off)
+    return values[0] if len(values) == 1 else values
 
 
 def put_raw(buf, field, value, base=0):
@@ -66,7 +73,7 @@ def fresh(size=_ring.CTL_SIZE, offset=0, fill=0):
 
 
 def test_constants_match_ring_h():
-    assert _ring.CTL_SIZE == 256
+    assert _ring.CTL_SIZE == 1024 and _ring.VERSION == 4
     assert _ring.MAGIC == 0x31525646 and struct.pack("<I", _ring.MAGIC) == b"FVR1"
     assert (_ring.OP_NONE, _ring.OP_RESET, _ring.OP_STEP, _ring.OP_CALL, _ring.OP_SET_ATTR,
             _ring.OP_CLOSE) == (0, 1, 2, 3, 4, 5)
@@ -76,8 +83,10 @@ def test_constants_match_ring_h():
 
 def test_fields_sit_on_separate_cache_lines():
     parent = [o for f, (o, _) in OFFSETS.items() if o < 128]
-    worker = [o for f, (o, _) in OFFSETS.items() if o >= 128]
+    worker = [o for f, (o, _) in OFFSETS.items() if 128 <= o < 256]
     assert max(parent) < 128 <= min(worker)
+    published = [o for f, (o, _) in OFFSETS.items() if 256 <= o < 512]  # the parent's
+    assert min(published) == 256 and OFFSETS["step_ns_sum"][0] == 512  # then the worker's
     assert OFFSETS["req_seq"][0] % 64 == OFFSETS["resp_seq"][0] % 64 == 0
     assert OFFSETS["heartbeat"][0] == 192
 
@@ -107,7 +116,7 @@ def test_init_then_check_and_corruption():
     ctl.init(3, 7, 12345, 41)
     ctl.check()
     assert raw(buf, "magic") == _ring.MAGIC
-    assert raw(buf, "version") == 3
+    assert raw(buf, "version") == 4
     assert raw(buf, "worker_index") == 3 and raw(buf, "generation") == 7 == ctl.generation
     assert raw(buf, "owner_pid") == 12345 == ctl.owner_pid
     assert ctl.req_seq == ctl.resp_seq == 41
@@ -130,7 +139,8 @@ def test_init_wipes_a_dirty_block():
                   "progress", "episodes", "rss_bytes", "heartbeat", "payload_cap"):
         assert raw(buf, field) == 0, field
     assert bytes(buf[24:64]) == bytes(40), "reserved bytes wiped"
-    assert bytes(buf[208:256]) == bytes(48)
+    assert bytes(buf[208:256]) == bytes(48), "beat_ns and the reserved bytes wiped"
+    assert bytes(buf[256:]) == b"\xab" * (_ring.CTL_SIZE - 256), "statistics left alone"
 
 
 def test_two_blocks_in_one_buffer_do_not_interfere():
@@ -171,15 +181,15 @@ def test_mmap_buffer_can_close_after_release():
 @settings(database=None, max_examples=200, deadline=None)
 @given(seq=U64, op=U32, ring=U32, plen=U64, mask=U64)
 def test_request_fields_round_trip(seq, op, ring, plen, mask):
-    buf, ctl = fresh(512, 256)
+    base = _ring.CTL_SIZE
+    buf, ctl = fresh(2 * base, base)
     ctl.init(0, 0, 1, 0)
     ctl.request(seq, op, ring, plen, mask)
     assert (ctl.req_seq, ctl.opcode, ctl.ring_index, ctl.req_payload_len, ctl.env_mask) == \
         (seq, op, ring, plen, mask)
-    base = 256
     assert struct.unpack_from("<QIIQQ", buf, base + 64) == (seq, op, ring, plen, mask)
     assert ctl.resp_seq == 0, "a request does not touch the reply line"
-    assert bytes(buf[:256]) == bytes(256), "nothing written outside the block"
+    assert bytes(buf[:base]) == bytes(base), "nothing written outside the block"
 
 
 def test_request_defaults_and_overflow():
