@@ -160,8 +160,9 @@ def _replay(worker, j: int, ring: int, plan: Replay, deadline: float) -> tuple:
         while events and events[0][0] <= t:
             _event(env, events.pop(0))
         if time.monotonic() > deadline:
-            return (f"the replay ran past its time budget at step {t} of {n} (the step's "
-                    "hang bound; see step_timeout)"), None
+            return (f"the replay ran past its time budget at step {t} of {n} (one hang "
+                    "bound plus twice the slowest step seen per step replayed; see "
+                    "step_timeout)"), None
         action = worker.logged_action(plan.actions, plan.extras.get(t), t)
         obs, reward, terminated, truncated, info = env.step(action)
         worker.episode_steps[j] += 1

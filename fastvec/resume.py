@@ -35,7 +35,7 @@ from fastvec.layout import Views
 from fastvec.observations import ObservationRing
 from fastvec.options import Options
 from fastvec.recovery import Recovery, ReplacementPlan, When
-from fastvec.replay import Fresh, Outcome, obs_digest
+from fastvec.replay import Fresh, Outcome, Replay, obs_digest
 from fastvec.shm import get_pickle, put_pickle
 from fastvec.supervisor import Slot, Supervisor
 
@@ -266,8 +266,9 @@ class Resume:
         during their replay)."""
         requests = []
         for slot, slot_plans in plans.items():
-            n = put_pickle(slot.payload, (slot_plans, self.sup.watchdog.hang_bound(slot)),
-                           self.opts.max_payload_bytes)
+            steps = sum(len(p.reward) for p in slot_plans if isinstance(p, Replay))
+            budget = self.sup.watchdog.replay_budget(slot, steps)
+            n = put_pickle(slot.payload, (slot_plans, budget), self.opts.max_payload_bytes)
             requests.append((slot, _ring.OP_REPLAY, r[slot] if isinstance(r, dict) else r,
                              n, None))
         self.sup.dispatch.send(requests)

@@ -53,6 +53,7 @@ class Pulse:
     slowest_ns: int = 0  # the slowest completed request seen (learns "auto" bounds)
     running_seq: int = 0  # a request seen running, and for how long, until it completes
     running_ns: int = 0
+    replay_s: float | None = None  # the budget of the replay the slot was sent last
 
 
 class Watchdog:
@@ -132,6 +133,15 @@ class Watchdog:
         """Seconds a request of this slot may run before the worker counts as hung."""
         return self.options.hang_bound(self._pulses[slot.index].slowest_ns)
 
+    def replay_budget(self, slot: "Slot", steps: int) -> float | None:
+        """Seconds a replay of ``steps`` steps may take (None: no limit): one hang bound,
+        plus twice the slowest request the slot completed for each step; noted, so that
+        the replay is judged hung only past it (and one more bound)."""
+        p = self._pulses[slot.index]
+        bound = self.options.hang_bound(p.slowest_ns)
+        p.replay_s = None if bound is None else bound + 2 * steps * p.slowest_ns / 1e9
+        return p.replay_s
+
     # -- the thread -------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -198,10 +208,10 @@ class Watchdog:
                 elapsed = now_ns - busy
                 bound = self.options.hang_bound(p.slowest_ns)
                 if op == _ring.OP_REPLAY:
-                    # Many steps in one request: the worker gives up by itself after one
-                    # bound (fastvec/replay.py); this catches a step that hangs in it. Its
-                    # duration teaches nothing about steps.
-                    bound = None if bound is None else 2 * bound
+                    # Many steps in one request: the worker gives up by itself after its
+                    # budget (fastvec/resume.py); one more bound catches a step that hangs
+                    # in it. Its duration teaches nothing about steps.
+                    bound = None if bound is None else bound + (p.replay_s or bound)
                 else:
                     p.running_ns = (elapsed if p.running_seq != seq
                                     else max(p.running_ns, elapsed))

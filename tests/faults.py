@@ -370,3 +370,17 @@ class SnapshotCommandFault(CommandFault):
 
     def set_state(self, state):
         self.env.set_state(state)
+
+
+class SlowReplayEnv(CounterEnv):
+    """CounterEnv whose steps take ``seconds`` once ``marker`` exists: a replay in a new
+    worker much slower than the steps it replays were."""
+
+    def __init__(self, marker: str = "", seconds: float = 0.2):
+        super().__init__()
+        self.marker, self.seconds = marker, seconds
+
+    def step(self, action):
+        if self.marker and os.path.exists(self.marker):
+            time.sleep(self.seconds)
+        return super().step(action)

@@ -19,8 +19,8 @@ from gymnasium.vector.utils import batch_space
 
 from conftest import wait_until
 from faults import (CallFaultEnv, CallOnceEnv, CommandFault, CounterEnv, CrashesAtEnv,
-                    EntropyEnv, ResetFaultEnv, ScaledEnv, SlowStepEnv, SnapshotCommandFault,
-                    SnapshotEnv)
+                    EntropyEnv, ResetFaultEnv, ScaledEnv, SlowReplayEnv, SlowStepEnv,
+                    SnapshotCommandFault, SnapshotEnv)
 from fastvec import FastVectorEnv, WorkerFailure
 from test_equivalence import assert_same
 
@@ -192,19 +192,41 @@ def test_an_episode_longer_than_the_log_is_truncated():
         env.close()
 
 
-def test_a_replay_over_its_time_budget_falls_back():
-    """step_timeout=0.3: a replay may take that long; 20 steps of 50 ms take longer."""
-    env = FastVectorEnv([functools.partial(SlowStepEnv, 0.05)] * 2, step_timeout=0.3)
+def test_a_replay_over_its_time_budget_falls_back(tmp_path):
+    """step_timeout=0.5: a replay may take one bound plus twice the slowest step seen per
+    step it replays; 20 steps of 0.2 s in the new worker (the env got slower) take
+    longer. Before the budget scaled with the replay, any replay past 0.5 s fell back."""
+    marker = tmp_path / "slow"
+    env = FastVectorEnv([functools.partial(SlowReplayEnv, str(marker))] * 2,
+                        step_timeout=0.5)
     try:
         env.reset(seed=[1, 2])
         a = np.ones(2, np.int64)
         for _ in range(20):
             env.step(a)
+        marker.touch()
         os.kill(env.health()[1]["pid"], signal.SIGKILL)
         *_, trunc, info = env.step(a)
         assert trunc.tolist() == [False, True]
         assert "past its time budget" in info["worker_restart_reason"][1]
         assert env.health()[1]["not_resumed"] == {"over budget": 1}
+    finally:
+        env.close()
+
+
+def test_a_replay_of_slow_steps_gets_the_time_they_took():
+    """step_timeout=0.3 and 25 steps of 50 ms: the replay takes longer than one bound but
+    within its budget (scaled by the steps it replays): resumed."""
+    env = FastVectorEnv([functools.partial(SlowStepEnv, 0.05)] * 2, step_timeout=0.3)
+    try:
+        env.reset(seed=[1, 2])
+        a = np.ones(2, np.int64)
+        for _ in range(25):
+            env.step(a)
+        os.kill(env.health()[1]["pid"], signal.SIGKILL)
+        *_, trunc, info = env.step(a)
+        assert info["_worker_resumed"].tolist() == [False, True], info
+        assert env.health()[1]["replayed_steps"] == 25
     finally:
         env.close()
 
