@@ -1,14 +1,16 @@
 """FastVectorEnv next to gymnasium's SyncVectorEnv and AsyncVectorEnv, then under faults.
 
     python benchmarks/compare.py              # default run: about 5 minutes on 2 cores
-    python benchmarks/compare.py --quick      # CI: under a minute on 2 cores
+    python benchmarks/compare.py --quick      # CI: about a minute on 2 cores
     python benchmarks/compare.py --out DIR    # results elsewhere (default benchmarks/results)
 
 Measured 2026-11-26 on a 2-core AMD EPYC VM (23.5 GiB, Python 3.11, numpy 1.26.4, with
 pyretechnics), while another engineer's tests used about a third of its CPU: the default
 run took 314 s (wildfire cells 230 s of it, no-op and 1 ms cells 63 s, survival ~20 s), and
 --quick 40 s; on a quiet machine 268 s. Without pyretechnics the wildfire cells are
-skipped: 76 s, and --quick 15 s. Each run prints its wall time ("this run took N s", from
+skipped: 76 s, and --quick 15 s. The resume part (below) came later: on 2026-12-02, with
+others using about half of the CPU, --quick took 69 s, and 57 s without it (the script
+before, run back to back). Each run prints its wall time ("this run took N s", from
 loading this script to the end) and stores it as ``runtime_s`` in compare.json.
 
 Throughput (env-steps/s) of each contender on each workload and number of envs:
@@ -22,12 +24,18 @@ Throughput (env-steps/s) of each contender on each workload and number of envs:
 
 Every env replays the same episode (seed 0, same actions); "one env in-process", measured
 in every round of the same cell, is the reference for efficiency = env-steps/s /
-(min(n, cores) x the median of its rate). Medians are over 3 repeats. Then the survival run
-(survival.py): the same injected faults against AsyncVectorEnv and FastVectorEnv. Method:
-see measure.py (warm-up, round-robin repeats, medians with min/max, ratios against
-AsyncVectorEnv(shared_memory=True) from the same run; construction, reset and close are
-never timed). BLAS / OpenMP pools are pinned to one thread per process
-(``OPENBLAS_NUM_THREADS=1`` etc., set before numpy loads and inherited by the workers).
+(min(n, cores) x the median of its rate). Medians are over 3 repeats. The fastvec
+contenders run the constructor's default, resume="auto" (the episode log kept). At the
+largest number of envs, the episode log's steady-state cost is measured too:
+resume="auto" next to resume="off" in interleaved repeats (resume_cost.py) on the first
+wildfire size, the no-op env and the CPU-bound env, k=1 and k=4, 7 repeats (--quick: k=4,
+the wildfire and the no-op env, 3 repeats). Then the survival run (survival.py): the same
+injected faults against AsyncVectorEnv and FastVectorEnv with resume off and on, on the
+no-op env (survival.py alone covers more workloads). Method: see measure.py (warm-up,
+round-robin repeats, medians with min/max, ratios against AsyncVectorEnv(shared_memory=True)
+from the same run; construction, reset and close are never timed). BLAS / OpenMP pools
+are pinned to one thread per process (``OPENBLAS_NUM_THREADS=1`` etc., set before numpy
+loads and inherited by the workers).
 
 Writes ``compare.json``, ``compare.csv``, ``compare.png`` (and ``survival-logs/``) into the
 output directory. Exits 1 when a contender failed unexpectedly (a throughput contender
@@ -53,6 +61,7 @@ if __name__ == "__main__":
     # measured. Workers inherit the setting; see blas_threads.py.
     pin_blas_threads()
 
+import resume_cost  # noqa: E402
 import survival  # noqa: E402
 import workloads  # noqa: E402
 from checkout import BENCH_DIR  # noqa: E402
@@ -115,17 +124,27 @@ def run(args) -> dict:
         print(f"skipping {s['workload']}: {s['reason']}\n  (install the fire extra, "
               f"pip install \"fastvec[fire]\", to include it)", file=sys.stderr)
     kinds = args.faults
+    # the episode log's cost at the largest number of envs: one wildfire (the first size,
+    # one landscape), the no-op env, and (not in --quick) the CPU-bound env
+    first_fire = f"wildfire_{args.wildfire_sizes[0]}"
+    resume_cells = [(wl, max(args.num_envs), k) for wl in chosen for k in args.resume_ks
+                    if (wl.name == first_fire or wl.name.startswith("noop")
+                        or (wl.name.startswith("cpu") and not args.quick))]
     total = (len(chosen) * len(args.num_envs) * (len(CONTENDERS) + 1) * timing.repeats
-             + len(kinds) * len(survival.CONTENDERS))
+             + resume_cost.samples(resume_cells, args.resume_repeats)
+             + survival.attempts(["noop"], kinds))
     data: dict = {
         "machine": machine_facts(),
         "config": {"quick": args.quick, "num_envs": args.num_envs, "timing": vars(timing),
                    "contenders": [c.describe() for c in CONTENDERS], "baseline": BASELINE,
                    "reference": SINGLE.describe(),
                    "workloads": [w.describe() for w in chosen], "skipped": skipped,
+                   "resume_cost": {"num_envs": max(args.num_envs), "envs_per_worker":
+                                   args.resume_ks, "repeats": args.resume_repeats},
                    "survival": {"faults": kinds, "budget_s": args.survival_budget_s,
-                                "period": args.survival_period, "num_envs": 4}},
-        "cells": [], "survival": [],
+                                "period": args.survival_period, "num_envs": 4,
+                                "workloads": ["noop"]}},
+        "cells": [], "resume_cost": [], "survival": [],
     }
     progress = Progress(total, not args.no_progress, "compare")
     whole, meter = CpuMeter(), CpuMeter()
@@ -141,6 +160,9 @@ def run(args) -> dict:
                 data["cells"].append({"workload": wl.name, "num_envs": n, "results": res,
                                       "foreign_cpu_share": meter.foreign_share(),
                                       "elapsed_s": time.monotonic() - t0})
+        data["resume_cost"] = resume_cost.run(resume_cells, timing, args.resume_repeats,
+                                              progress)
+        meter.foreign_share()  # restart: the resume cells measured their own
         if kinds:
             data["survival"] = survival.run(kinds, args.survival_budget_s,
                                             args.survival_period, 4, progress,
@@ -151,7 +173,7 @@ def run(args) -> dict:
             ray.shutdown()  # its raylet and workers are children of this process
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(
-        [c["foreign_cpu_share"] for c in data["cells"]], default=0.0)
+        [c["foreign_cpu_share"] for c in data["cells"] + data["resume_cost"]], default=0.0)
     data["leftovers"] = leftover_report()
     return data
 
@@ -162,6 +184,7 @@ def errors_of(data: dict) -> list[str]:
         for key, res in cell["results"].items():
             if "error" in res:
                 errs.append(f"{cell['workload']} n={cell['num_envs']} {key}: {res['error']}")
+    errs += resume_cost.errors_of(data["resume_cost"])
     errs += survival.unexpected(data["survival"])
     left = data["leftovers"]
     if left["stray_processes"] or left["shm_leftovers"]:
@@ -201,6 +224,8 @@ def report(data: dict) -> str:
                 if c.get("foreign_cpu_share", 0) > 0.1]
         if busy:
             out.append(f"* other processes used this share of the CPU: {', '.join(busy)}")
+    if data["resume_cost"]:
+        out += ["", resume_cost.report(data["resume_cost"])]
     if data["survival"]:
         out += ["", survival.report(data["survival"])]
     return "\n".join(out)
@@ -320,6 +345,10 @@ def main(argv=None) -> int:
     p.add_argument("--survival-budget-s", type=float, help="seconds per survival attempt")
     p.add_argument("--survival-period", type=int, default=500,
                    help="steps of the faulty env between faults (default 500)")
+    p.add_argument("--resume-ks", type=_ints,
+                   help="envs per worker of the resume on/off pairs (default 1,4; quick 4)")
+    p.add_argument("--resume-repeats", type=int,
+                   help="interleaved repeats of each resume on/off pair (default 7, quick 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     q = args.quick
@@ -329,6 +358,8 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or 3
     args.repeat_s = args.repeat_s or (0.12 if q else 0.5)
     args.warmup_s = args.warmup_s or (0.08 if q else 0.3)
+    args.resume_ks = args.resume_ks or ([4] if q else [1, 4])
+    args.resume_repeats = args.resume_repeats or (3 if q else 7)
     if args.faults is None:
         args.faults = list(survival.QUICK_KINDS if q else workloads.FAULT_KINDS)
     bad = set(args.faults) - set(workloads.FAULT_KINDS)

@@ -60,11 +60,19 @@ ASYNC_PIPE = Contender("async_pipe", "gym Async pipe", "async", {"shared_memory"
 BASELINE = ASYNC_SHM.key  # ratios are taken against this contender
 
 
-def fast(k: int, copy: bool = True) -> Contender:
-    """FastVectorEnv with ``k`` envs per worker."""
-    key = f"fast_k{k}" + ("" if copy else "_nocopy")
-    label = f"fastvec k={k}" + ("" if copy else " copy=False")
-    return Contender(key, label, "fast", {"envs_per_worker": k, "copy": copy})
+RESUME_ON = "auto"  # the resume setting that keeps the episode log (the default; "off" does not)
+
+
+def fast(k: int, copy: bool = True, resume: str | None = None) -> Contender:
+    """FastVectorEnv with ``k`` envs per worker; ``resume`` None: the constructor's default
+    ("auto": the episode log is kept and a lost worker's episodes are replayed)."""
+    key = f"fast_k{k}" + ("" if copy else "_nocopy") + (f"_resume_{resume}" if resume else "")
+    label = (f"fastvec k={k}" + ("" if copy else " copy=False")
+             + (f" resume={resume}" if resume else ""))
+    kwargs: dict = {"envs_per_worker": k, "copy": copy}
+    if resume is not None:
+        kwargs["resume"] = resume
+    return Contender(key, label, "fast", kwargs)
 
 
 def fast_ready(div: int = 2) -> Contender:

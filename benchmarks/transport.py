@@ -6,7 +6,7 @@
 (Measured 2026-11-26 on a 2-core AMD EPYC VM, Python 3.11, shared with other work: 126 s
 and 29 s with PufferLib installed, 19 s for --quick without it.)
 
-Four parts, all measured in one run so their ratios compare like with like:
+Five parts, all measured in one run so their ratios compare like with like:
 
 1. no-op env (obs (4,) float32, 4x128x128 uint8, 8x128x128 float32) at 2, 8 and 16 envs:
    env-steps/s of gymnasium Sync, Async (shared memory / pipes) and FastVectorEnv
@@ -20,7 +20,12 @@ Four parts, all measured in one run so their ratios compare like with like:
 3. single-env round trip: median wall time of one step() with one env, next to a bare
    posix_ipc semaphore ping-pong between two processes (the floor of one request and one
    reply), measured alternately in the same run.
-4. peers, where installed: PufferLib's Multiprocessing vectorizer with 1 and with 2
+4. the episode log's steady-state cost (resume_cost.py): FastVectorEnv resume="auto" next
+   to resume="off", k=1 and k=4, at 8 no-op envs (obs (4,) float32 and 4x128x128 uint8),
+   repeats interleaved (``--resume-repeats``): env-steps/s, ratio on/off, and the parent's
+   CPU time per vector step. The fastvec rows of parts 1-3 run the constructor's default,
+   resume="auto" (the episode log kept).
+5. peers, where installed: PufferLib's Multiprocessing vectorizer with 1 and with 2
    workers next to Async(shm) and fastvec k=1 / k=4, at 8 no-op envs (4x128x128 uint8;
    also obs (4,) in the full run). Its workers busy-wait, so every PufferLib step has a
    deadline and every repeat a time budget (``--puffer-budget-s``): one that runs over is
@@ -56,6 +61,7 @@ import posix_ipc  # noqa: E402
 import psutil  # noqa: E402
 
 import puffer  # noqa: E402
+import resume_cost  # noqa: E402
 import workloads  # noqa: E402
 from checkout import BENCH_DIR  # noqa: E402
 from contenders import ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, fast  # noqa: E402
@@ -74,6 +80,10 @@ CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast(4, copy=False)
 PEER_SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"))
 PEER_NUM_ENVS = 8
 PEER_WORKERS = (1, 2)
+# the episode log's cost (resume on vs off) where it is most visible: the no-op env
+RESUME_SHAPES = (((4,), "float32"), ((4, 128, 128), "uint8"))
+RESUME_NUM_ENVS = 8
+RESUME_KS = (1, 4)
 
 
 # -- the semaphore ping-pong floor --------------------------------------------------------------
@@ -251,15 +261,18 @@ def run(args) -> dict:
     peers = ([ASYNC_SHM, fast(1), fast(4)]
              + [puffer.puffer(w, args.puffer_budget_s) for w in PEER_WORKERS]
              if have_puffer else [])
+    resume_cells = [(workloads.noop(shape, dtype), RESUME_NUM_ENVS, k)
+                    for shape, dtype in RESUME_SHAPES for k in RESUME_KS]
     total = (len(SHAPES) * len(nums) * len(CONTENDERS) * timing.repeats
              + (len(CONTENDERS) + 1) * timing.repeats + 5 * lat_reps * len(placements())
+             + resume_cost.samples(resume_cells, args.resume_repeats)
              + len(peer_shapes) * len(peers) * timing.repeats)
     progress = Progress(total, not args.no_progress, "transport")
     data: dict = {"machine": machine_facts(),
                   "config": {"quick": args.quick, "num_envs": nums, "timing": vars(timing),
                              "contenders": [c.describe() for c in CONTENDERS],
                              "baseline": BASELINE, "reference": SINGLE.describe()},
-                  "noop": [], "cpu_bound": {}, "latency": {},
+                  "noop": [], "cpu_bound": {}, "latency": {}, "resume_cost": [],
                   "peers": {"pufferlib": puffer_note if not have_puffer else None,
                             "pufferlib_version": puffer_note if have_puffer else None,
                             "contenders": [c.describe() for c in peers], "cells": []}}
@@ -299,6 +312,11 @@ def run(args) -> dict:
         data["latency"] = measure_latency(lat_reps, lat_steps, progress)
         shares.append(meter.foreign_share())
         data["latency_foreign_cpu_share"] = shares[-1]
+
+        data["resume_cost"] = resume_cost.run(resume_cells, timing, args.resume_repeats,
+                                              progress)
+        shares += [c["foreign_cpu_share"] for c in data["resume_cost"]]
+        meter.foreign_share()  # restart: the resume cells measured their own
 
         # Last: importing pufferlib imports torch into this process.
         for shape, dtype in peer_shapes if peers else ():
@@ -340,6 +358,7 @@ def errors_of(data: dict) -> list[str]:
             errs.append(f"cpu n=8 {key}: {res['error']}")
     for key, err in data["latency"].get("errors", {}).items():
         errs.append(f"latency {key}: {err}")
+    errs += resume_cost.errors_of(data["resume_cost"])
     left = data["leftovers"]
     if left["stray_processes"] or left["shm_leftovers"] or left["bench_semaphores"]:
         errs.append(f"leftovers: {left}")
@@ -453,6 +472,9 @@ def report(data: dict) -> str:
             if f and pp:
                 out.append(f"{name}: fastvec k=1 round trip / (2 x ping-pong) = {f / (2 * pp):.2f}")
 
+    if data.get("resume_cost"):
+        out += ["", resume_cost.report(data["resume_cost"])]
+
     peers = data["peers"]
     out += [""]
     if not peers["cells"]:
@@ -493,9 +515,12 @@ def main(argv=None) -> int:
                    help="leave out PufferLib even where it is installed")
     p.add_argument("--puffer-budget-s", type=float,
                    help="hard bound on one PufferLib repeat, seconds (default 10, quick 5)")
+    p.add_argument("--resume-repeats", type=int,
+                   help="interleaved repeats of resume on / off (default 9, quick 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     quick = args.quick
+    args.resume_repeats = args.resume_repeats or (5 if quick else 9)
     args.repeats = args.repeats or (3 if quick else 5)
     args.repeat_s = args.repeat_s or (0.12 if quick else 0.4)
     args.warmup_s = args.warmup_s or (0.1 if quick else 0.3)

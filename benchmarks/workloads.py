@@ -12,6 +12,9 @@ same description again gives the same env.
 * ``FaultyEnv``    wraps another workload and, after ``period`` steps in the process that
                    steps it, faults for real: SIGKILL, a segfault, ``os._exit(1)``, an
                    exception, or a hang.
+* ``slow_build``   another workload whose construction first sleeps ``seconds`` (a
+                   simulator that loads a model or a map): a replacement worker pays it.
+* ``gym_env``      a registered gymnasium env (``cartpole()``: CartPole-v1).
 * wildfire         ``fastvec.envs.WildfireEnv`` when pyretechnics is importable.
 """
 
@@ -192,15 +195,19 @@ class FaultyEnv(gym.Wrapper):
     """Wraps ``inner`` and faults for real after ``period`` steps in the stepping process.
 
     The count starts at 0 in every new process, so a worker that is replaced faults again
-    ``period`` steps later. ``safe_pid`` never faults (the process that built the env
-    functions: vectorizers build a throwaway env there to read the spaces).
+    ``period`` steps later (steps a resumed worker replays count: they are steps of its
+    env). ``safe_pid`` never faults (the process that built the env functions: vectorizers
+    build a throwaway env there to read the spaces). ``stamp``: a file that gets a line
+    with ``time.monotonic()`` (one clock for all processes of the machine) just before
+    each fault, so that the benchmark can time a recovery from the fault itself.
     """
 
-    def __init__(self, inner: Workload, kind: str, period: int, safe_pid: int | None = None):
+    def __init__(self, inner: Workload, kind: str, period: int, safe_pid: int | None = None,
+                 stamp: str | None = None):
         if kind not in FAULT_KINDS:
             raise ValueError(f"kind must be one of {FAULT_KINDS}, got {kind!r}")
         super().__init__(inner.env_fn()())
-        self.kind, self.period, self.safe_pid = kind, int(period), safe_pid
+        self.kind, self.period, self.safe_pid, self.stamp = kind, int(period), safe_pid, stamp
         self._steps = 0
 
     def step(self, action):
@@ -211,6 +218,8 @@ class FaultyEnv(gym.Wrapper):
 
     def _fault(self) -> None:
         kind = self.kind
+        if self.stamp:
+            write_stamp(self.stamp)
         if kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "segfault":
@@ -223,10 +232,57 @@ class FaultyEnv(gym.Wrapper):
             threading.Event().wait()  # blocks forever without using a core
 
 
-def faulty(inner: Workload, kind: str, period: int, safe_pid: int | None = None) -> Workload:
+def faulty(inner: Workload, kind: str, period: int, safe_pid: int | None = None,
+           stamp: str | None = None) -> Workload:
     return Workload(f"{inner.name}+{kind}@{period}", FaultyEnv,
                     {"inner": inner, "kind": kind, "period": int(period),
-                     "safe_pid": os.getpid() if safe_pid is None else safe_pid})
+                     "safe_pid": os.getpid() if safe_pid is None else safe_pid,
+                     "stamp": stamp}, min_steps=inner.min_steps)
+
+
+def write_stamp(path: str) -> None:
+    """Append ``time.monotonic()`` as a line to ``path`` (one small O_APPEND write: lines of
+    several processes never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{time.monotonic()!r}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_stamps(path: str) -> list[float]:
+    """Every time :func:`write_stamp` wrote into ``path``, oldest first."""
+    try:
+        with open(path) as f:
+            return [float(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+# -- slow to build, and gymnasium's own --------------------------------------------------------
+
+def _slow_build_env(inner: Workload, seconds: float) -> gym.Env:
+    time.sleep(seconds)  # a simulator loading its model or map: every new worker pays it
+    return inner.env_fn()()
+
+
+def slow_build(inner: Workload, seconds: float = 1.5) -> Workload:
+    """``inner`` whose construction first sleeps ``seconds``."""
+    return Workload(f"{inner.name}+build{seconds:g}s", _slow_build_env,
+                    {"inner": inner, "seconds": float(seconds)}, min_steps=inner.min_steps)
+
+
+def make_gym(env_id: str, **kwargs) -> gym.Env:
+    return gym.make(env_id, **kwargs)
+
+
+def gym_env(env_id: str, **kwargs) -> Workload:
+    """A registered gymnasium env, built with ``gym.make(env_id, **kwargs)``."""
+    return Workload(env_id.lower().replace("-", "_"), make_gym, {"env_id": env_id, **kwargs})
+
+
+def cartpole() -> Workload:
+    return gym_env("CartPole-v1")
 
 
 # -- wildfire --------------------------------------------------------------------------------------
