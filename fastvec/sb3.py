@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import warnings
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
-from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import is_wrapped
 from stable_baselines3.common.vec_env import (VecCheckNan, VecEnvWrapper, VecMonitor,
                                               VecNormalize, VecTransposeImage)
@@ -35,7 +36,7 @@ from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
 from fastvec.vector_env import FastVectorEnv
 
-__all__ = ["SB3VecEnv", "EnvCheckpointCallback", "load_env_state"]
+__all__ = ["SB3VecEnv", "EnvCheckpointCallback", "HealthCallback", "load_env_state"]
 
 _INFO = "sb3_info"  # the boxed info dict of one env, in FastVectorEnv's batched infos
 _OPTIONS = "fastvec_sb3_options"  # reset options: the list of per-env options
@@ -380,3 +381,52 @@ def load_env_state(model, path: str) -> VecEnvObs:
     model._last_original_obs = original
     model._last_episode_starts = np.zeros(venv.num_envs, dtype=bool)
     return obs
+
+
+# -- health where SB3 logs: TensorBoard, W&B, CSV ---------------------------------------------
+
+
+class HealthCallback(BaseCallback):
+    """Writes the fastvec env's health into the model's logger every ``every`` steps of
+    the vector env, under ``fastvec/``: restarts (all, and by reason), episodes resumed and
+    not resumed, envs out of play, the step latency's p99 (the slowest worker's, ms) and
+    env-steps per second since the last record. SB3 writes them with its next ``dump``
+    (each rollout for on-policy algorithms) to every output it was configured with:
+    TensorBoard (``tensorboard_log=``), CSV, W&B's SB3 integration."""
+
+    def __init__(self, every: int = 100, verbose: int = 0):
+        super().__init__(verbose)
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self._since: tuple[float, int] | None = None
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.every == 0:
+            self.record(self.logger)
+        return True
+
+    def record(self, logger) -> None:
+        """Put the current figures into ``logger`` (``logger.record``)."""
+        venv, _ = _chain(self.training_env)
+        health = venv.health()
+        reasons: Counter = Counter()
+        not_resumed: Counter = Counter()
+        for h in health:
+            reasons.update(h["reasons"])
+            not_resumed.update(h.get("not_resumed", {}))
+        logger.record("fastvec/restarts", sum(h["restarts"] for h in health))
+        for reason, n in sorted(reasons.items()):
+            logger.record(f"fastvec/restarts_{reason}", n)
+        logger.record("fastvec/resumed_episodes", sum(h.get("resumed", 0) for h in health))
+        logger.record("fastvec/not_resumed_episodes", sum(not_resumed.values()))
+        logger.record("fastvec/disabled_envs",
+                      sum(len(h["envs"]) for h in health if h["disabled"]))
+        p99 = [h["step_latency_ms"]["p99"] for h in health if h["step_latency_ms"]]
+        if p99:
+            logger.record("fastvec/step_latency_p99_ms", max(p99))
+        now, steps = time.monotonic(), self.num_timesteps
+        if self._since is not None and now > self._since[0]:
+            logger.record("fastvec/env_steps_per_s",
+                          (steps - self._since[1]) / (now - self._since[0]))
+        self._since = (now, steps)

@@ -22,7 +22,8 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.monitor import Monitor  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize  # noqa: E402
 
-from fastvec.sb3 import EnvCheckpointCallback, SB3VecEnv, load_env_state  # noqa: E402
+from fastvec.sb3 import (EnvCheckpointCallback, HealthCallback, SB3VecEnv,  # noqa: E402
+                         load_env_state)
 
 N = 4
 
@@ -371,3 +372,32 @@ def test_load_env_state_refuses_an_env_that_is_not_fastvec(tmp_path):
     model = PPO("MlpPolicy", DummyVecEnv([cartpole]), n_steps=16, batch_size=16)
     with pytest.raises(TypeError, match="not fastvec.sb3.SB3VecEnv"):
         load_env_state(model, str(tmp_path / "nothing.pkl"))
+
+
+def test_health_lands_in_tensorboard_beside_the_losses(tmp_path):
+    """HealthCallback's figures, read back from the TensorBoard event files SB3 wrote."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing."
+                                            "event_accumulator")
+    venv = SB3VecEnv([cartpole] * N, step_timeout=30.0)
+    try:
+        venv.seed(0)
+        model = PPO("MlpPolicy", venv, n_steps=64, batch_size=64, n_epochs=1, seed=0,
+                    device="cpu", policy_kwargs={"net_arch": [16]},
+                    tensorboard_log=str(tmp_path))
+        kill = KillWorker(venv, w=1, at=80)  # in the second rollout (64 steps each)
+        model.learn(total_timesteps=3 * 64 * N,
+                    callback=[kill, HealthCallback(every=16)], tb_log_name="run")
+    finally:
+        venv.close()
+    (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("run")]
+    acc = event_accumulator.EventAccumulator(str(run))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags  # the losses, in the same files
+    for tag in ("fastvec/restarts", "fastvec/restarts_died", "fastvec/resumed_episodes",
+                "fastvec/step_latency_p99_ms", "fastvec/env_steps_per_s"):
+        assert tag in tags, (tag, tags)
+    restarts = [e.value for e in acc.Scalars("fastvec/restarts")]
+    assert restarts[0] == 0 and restarts[-1] == 1  # the kill, as it happened
+    assert [e.value for e in acc.Scalars("fastvec/resumed_episodes")][-1] == 1
+    assert all(e.value > 0 for e in acc.Scalars("fastvec/env_steps_per_s"))
