@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from fastvec import _ring
-from fastvec.contract import InfoBatcher, resumed_info
-from fastvec.errors import AlreadyPendingCallError
+from fastvec.contract import InfoBatcher, State, resumed_info
+from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
 from fastvec.failure_reports import disabled_flag, failure_error, raise_if_policy, restart_flag
 from fastvec.infos import InfoColumns
 from fastvec.layout import Views
@@ -171,3 +171,40 @@ class FirstReady:
             self.columns.publish()
         raise_if_policy(self.on_failure, crashed)
         return obs, rewards, terminated, truncated, infos, ids
+
+
+class FirstReadyCalls:
+    """``send``/``recv``/``stepping`` of FastVectorEnv (a mixin, as fastvec/contract.py's
+    VectorContract is: it reads the vector env's own state and collaborators)."""
+
+    @property
+    def stepping(self) -> np.ndarray:
+        """Indices of the envs sent (``send``) and not yet received (``recv``)."""
+        return np.flatnonzero(self._inflight)
+
+    def send(self, actions, env_ids=None) -> None:
+        """Start one step of the envs ``env_ids`` (default: all) with ``actions[j]`` for
+        ``env_ids[j]``, and return at once. Needs ``batch_size``; see :meth:`recv`."""
+        self._assert_open()
+        if self._first_ready is None:
+            raise FastVecError("send()/recv() need FastVectorEnv(..., batch_size=k)")
+        if self._state is not State.DEFAULT:
+            raise AlreadyPendingCallError(f"send() called while a {self._state.value}_async() "
+                                          f"is pending", self._state.value)
+        ids = self._first_ready.env_ids(env_ids)
+        self._actions.write(actions, ids, self._steps)
+        self._first_ready.send(ids, self._actions.put_pickled, self._actions.pickled)
+
+    def recv(self, timeout: float | None = None):
+        """Results of ``batch_size`` envs that finished their step (fewer if fewer are
+        stepping; the longest-waiting first), as ``(obs, rewards, terminations, truncations,
+        infos, env_ids)``, batched over ``env_ids`` (ascending). Envs reset themselves as in
+        NEXT_STEP mode. A failed worker's env comes back resumed or truncated, flagged, as in
+        :meth:`step`; a disabled one truncated with ``infos["env_disabled"]``."""
+        return self._guarded(self._recv, timeout)
+
+    def _recv(self, timeout: float | None):
+        self._assert_open()
+        if not self._inflight.any():
+            raise NoAsyncCallError("recv() called with no env stepping; send() first", "send")
+        return self._first_ready.recv(timeout)

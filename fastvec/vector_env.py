@@ -31,9 +31,9 @@ from fastvec.checkpoint import Checkpoints
 from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
                               attr_values, check_observation_mode, reset_arguments)
 from fastvec.episodes import EpisodeLog
-from fastvec.errors import AlreadyPendingCallError, FastVecError, NoAsyncCallError
+from fastvec.errors import AlreadyPendingCallError
 from fastvec.failure_reports import raise_if_policy
-from fastvec.first_ready import FirstReady
+from fastvec.first_ready import FirstReady, FirstReadyCalls
 from fastvec.infos import InfoColumns, ReplyInfos
 from fastvec.layout import Plan
 from fastvec.observations import ObservationRing
@@ -59,7 +59,7 @@ def _weak(method):
     return lambda *args: ref()(*args)
 
 
-class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
+class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
     """Vectorized env whose workers exchange data through POSIX shared-memory rings.
 
     Args:
@@ -383,39 +383,6 @@ class FastVectorEnv(Checkpoints, VectorContract, VectorEnv):
         self._env_ring[:] = r
         self._infos.publish()
         return obs, reward, terminated, truncated, infos
-
-    # -- first-ready batches (fastvec/first_ready.py) --------------------------------------------
-    @property
-    def stepping(self) -> np.ndarray:
-        """Indices of the envs sent (``send``) and not yet received (``recv``)."""
-        return np.flatnonzero(self._inflight)
-
-    def send(self, actions, env_ids=None) -> None:
-        """Start one step of the envs ``env_ids`` (default: all) with ``actions[j]`` for
-        ``env_ids[j]``, and return at once. Needs ``batch_size``; see :meth:`recv`."""
-        self._assert_open()
-        if self._first_ready is None:
-            raise FastVecError("send()/recv() need FastVectorEnv(..., batch_size=k)")
-        if self._state is not State.DEFAULT:
-            raise AlreadyPendingCallError(f"send() called while a {self._state.value}_async() "
-                                          f"is pending", self._state.value)
-        ids = self._first_ready.env_ids(env_ids)
-        self._actions.write(actions, ids, self._steps)
-        self._first_ready.send(ids, self._actions.put_pickled, self._actions.pickled)
-
-    def recv(self, timeout: float | None = None):
-        """Results of ``batch_size`` envs that finished their step (fewer if fewer are
-        stepping; the longest-waiting first), as ``(obs, rewards, terminations, truncations,
-        infos, env_ids)``, batched over ``env_ids`` (ascending). Envs reset themselves as in
-        NEXT_STEP mode. A failed worker's env comes back truncated and flagged, as in
-        :meth:`step`; a disabled one truncated with ``infos["env_disabled"]``."""
-        return self._guarded(self._recv, timeout)
-
-    def _recv(self, timeout: float | None):
-        self._assert_open()
-        if not self._inflight.any():
-            raise NoAsyncCallError("recv() called with no env stepping; send() first", "send")
-        return self._first_ready.recv(timeout)
 
     # -- call / attributes -------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
