@@ -3,8 +3,10 @@ the job, through what each publishes in its own shared memory (fastvec/stats.py)
 
     fastvec top [--once] [--json] [--interval S] [--window S]   per-worker view (top.py)
     fastvec export --port N [--addr A] [--once]                 Prometheus /metrics (export.py)
+    fastvec replay BUNDLE [--in-process] [--timeout S] [--json] a crash bundle (bundles.py)
 
-Both only read: nothing in the training script changes, and nothing in the job waits.
+top and export only read: nothing in the training script changes, and nothing in the job
+waits. replay runs a failure again from the bundle that ``crash_dir=`` left.
 """
 
 from __future__ import annotations
@@ -38,12 +40,40 @@ def _parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     export.add_argument("--once", action="store_true",
                         help="print one scrape to stdout and exit")
+    replay = sub.add_parser("replay", help="run a crash bundle's failure again",
+                            description="Rebuild the env of a crash bundle (crash_dir=...), "
+                            "replay its episode and the failed request, and say whether the "
+                            "fault came back and at which step.")
+    replay.add_argument("bundle", help="a bundle directory (or its bundle.pkl)")
+    replay.add_argument("--in-process", action="store_true",
+                        help="run it in this process (for a debugger; a crash ends it)")
+    replay.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a step may take before it counts as hung (default 60)")
+    replay.add_argument("--json", action="store_true", help="the outcome as JSON")
     return p
+
+
+def _replay(args) -> int:
+    import dataclasses
+    import json
+
+    from fastvec import bundles
+
+    try:
+        outcome = bundles.replay(args.bundle, in_process=args.in_process,
+                                 timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"fastvec replay: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(outcome)) if args.json else outcome.text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastvec`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "replay":
+        return _replay(args)
     if args.command == "top":
         from fastvec import top
 

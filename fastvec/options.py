@@ -59,6 +59,7 @@ class Options:
     resume: str = "auto"
     max_replay_steps: int = 10_000
     snapshot_every: int | None = None
+    crash_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))

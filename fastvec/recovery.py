@@ -73,6 +73,9 @@ class Recovery:
     ``close_broken()``: closes the vector env when a budget is spent (policy "raise").
     """
 
+    #: called with (slot, failure) for each failure counted: crash bundles (fastvec/bundles.py)
+    on_failure: Callable | None = None
+
     def __init__(self, sup: Supervisor, opts: Options, num_envs: int, *,
                  recent_actions: Callable[[Slot], dict], close_broken: Callable[[], None]):
         self.sup = sup
@@ -120,6 +123,8 @@ class Recovery:
         self._restarts[list(slot.env_indices)] += 1
         log_failure(slot, failure, [self._base_seeds[i] for i in slot.env_indices],
                     int(self._restarts[slot.env_indices[0]]), self._recent_actions(slot))
+        if self.on_failure is not None:
+            self.on_failure(slot, failure)
         return len(slot.restart_times) <= self.opts.max_restarts
 
     def _exhausted(self, slot: Slot, failure: Failure) -> None:

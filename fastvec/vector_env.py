@@ -16,6 +16,7 @@ or the step raises :class:`fastvec.WorkerFailure` (``on_failure="raise"``).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -27,6 +28,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 
 from fastvec import _ring
 from fastvec.actions import Actions
+from fastvec.bundles import CrashBundles
 from fastvec.checkpoint import Checkpoints
 from fastvec.contract import (State, VectorContract, assert_callable, assert_resets_done,
                               attr_values, check_observation_mode, reset_arguments)
@@ -119,6 +121,8 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
             ``get_state()``/``set_state()``: replays start there (None: never).
         max_replay_steps: longest episode (steps) the log keeps; a longer one ends
             truncated on a failure, as with ``resume="off"``.
+        crash_dir: a directory where each failure leaves a crash bundle per env of the
+            failed worker, for ``fastvec replay`` (fastvec/bundles.py); None: none.
     """
 
     _kind = "FastVectorEnv"
@@ -160,6 +164,7 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
         resume: str = "auto",
         max_replay_steps: int = 10_000,
         snapshot_every: int | None = None,
+        crash_dir: str | None = None,
     ):
         self._state = State.DEFAULT
         self.closed = False
@@ -175,7 +180,8 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
             max_worker_rss=max_worker_rss, recycle_grace=recycle_grace, ring_depth=ring_depth,
             max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
             spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon,
-            resume=resume, max_replay_steps=max_replay_steps, snapshot_every=snapshot_every)
+            resume=resume, max_replay_steps=max_replay_steps, snapshot_every=snapshot_every,
+            crash_dir=None if crash_dir is None else os.fspath(crash_dir))
         opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns
@@ -236,6 +242,10 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
                                   self._views, self._replies, opts, self._actions.put_pickled)
         self._outcomes = Outcomes(self._sup, self._recovery, self._obs, self._views,
                                   self._replies, opts, self._resume)
+        if opts.crash_dir is not None:
+            self._recovery.on_failure = CrashBundles(opts.crash_dir, self._episodes,
+                                                     self._views, self._actions,
+                                                     self.single_action_space).write
         if self.batch_size is not None:
             self._first_ready = FirstReady(
                 self._sup, self._recovery, self._obs, self._views, self._infos,
@@ -462,6 +472,8 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
         if getattr(self, "_actions", None) is not None:
             self._actions.release()
         self._replies = self._outcomes = self._first_ready = self._resume = None  # views too
+        if getattr(self, "_recovery", None) is not None:
+            self._recovery.on_failure = None  # crash bundles hold views
         self._finalizer.detach()
         self._resources.cleanup(timeout, terminate)
         self._resources = None
