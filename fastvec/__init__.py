@@ -19,12 +19,14 @@ from fastvec.errors import (ActionBatchTypeError, AlreadyPendingCallError, Close
                             UnpicklableInfoError, UnsupportedSpaceError, WaitTimeout,
                             WorkerFailure)
 from fastvec.registration import make_vec, vector_entry_point
+from fastvec.stats import health_metrics
 from fastvec.vector_env import FastVectorEnv
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FastVectorEnv", "make_vec", "vector_entry_point", "FastVecError", "WorkerFailure",
+    "FastVectorEnv", "make_vec", "vector_entry_point", "health_metrics", "FastVecError",
+    "WorkerFailure",
     "ActionBatchTypeError", "EnvSpacesError",
     "RestartBudgetExceeded", "ClosedEnvError", "AlreadyPendingCallError", "NoAsyncCallError",
     "WaitTimeout", "InvalidActionError", "SpaceMismatchError", "UnsupportedSpaceError",

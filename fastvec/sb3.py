@@ -34,6 +34,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (VecEnv, VecEnvIndices
                                                            VecEnvStepReturn)
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
+from fastvec.stats import health_metrics
 from fastvec.vector_env import FastVectorEnv
 
 __all__ = ["SB3VecEnv", "EnvCheckpointCallback", "HealthCallback", "load_env_state"]
@@ -409,22 +410,8 @@ class HealthCallback(BaseCallback):
     def record(self, logger) -> None:
         """Put the current figures into ``logger`` (``logger.record``)."""
         venv, _ = _chain(self.training_env)
-        health = venv.health()
-        reasons: Counter = Counter()
-        not_resumed: Counter = Counter()
-        for h in health:
-            reasons.update(h["reasons"])
-            not_resumed.update(h.get("not_resumed", {}))
-        logger.record("fastvec/restarts", sum(h["restarts"] for h in health))
-        for reason, n in sorted(reasons.items()):
-            logger.record(f"fastvec/restarts_{reason}", n)
-        logger.record("fastvec/resumed_episodes", sum(h.get("resumed", 0) for h in health))
-        logger.record("fastvec/not_resumed_episodes", sum(not_resumed.values()))
-        logger.record("fastvec/disabled_envs",
-                      sum(len(h["envs"]) for h in health if h["disabled"]))
-        p99 = [h["step_latency_ms"]["p99"] for h in health if h["step_latency_ms"]]
-        if p99:
-            logger.record("fastvec/step_latency_p99_ms", max(p99))
+        for key, value in health_metrics(venv.health()).items():
+            logger.record(f"fastvec/{key}", value)
         now, steps = time.monotonic(), self.num_timesteps
         if self._since is not None and now > self._since[0]:
             logger.record("fastvec/env_steps_per_s",

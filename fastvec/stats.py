@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -234,3 +235,24 @@ def hist_delta(new, old) -> tuple:
 __all__ = ["HEADER_SIZE", "MAGIC", "REASONS", "REASON_CODES", "STATES", "VERSION", "Header",
            "WorkerStats", "hist_delta", "percentile", "publish_slot", "read_header",
            "read_worker", "worker_stats", "write_header"]
+
+
+def health_metrics(health: list[dict]) -> dict[str, float]:
+    """``FastVectorEnv.health()`` as flat numbers for a training logger (TensorBoard, W&B,
+    CSV; fastvec.sb3.HealthCallback writes them under ``fastvec/``): ``restarts`` and
+    ``restarts_<reason>``, ``resumed_episodes``, ``not_resumed_episodes``,
+    ``disabled_envs`` and ``step_latency_p99_ms`` (the slowest worker's, when measured)."""
+    reasons: Counter = Counter()
+    not_resumed = 0
+    for h in health:
+        reasons.update(h["reasons"])
+        not_resumed += sum(h.get("not_resumed", {}).values())
+    out: dict[str, float] = {"restarts": sum(h["restarts"] for h in health)}
+    out.update({f"restarts_{reason}": n for reason, n in sorted(reasons.items())})
+    out["resumed_episodes"] = sum(h.get("resumed", 0) for h in health)
+    out["not_resumed_episodes"] = not_resumed
+    out["disabled_envs"] = sum(len(h["envs"]) for h in health if h["disabled"])
+    p99 = [h["step_latency_ms"]["p99"] for h in health if h["step_latency_ms"]]
+    if p99:
+        out["step_latency_p99_ms"] = max(p99)
+    return out

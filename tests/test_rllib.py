@@ -96,6 +96,12 @@ def on_episode_step(*, env, env_index, episode, **kwargs):
         REC.kill_worker = None
 
 
+def log_fastvec_health(*, env_runner, metrics_logger, **kwargs):
+    """docs/observe.md's RLlib recipe: fastvec's health in the env runner's metrics."""
+    for key, value in fastvec.health_metrics(env_runner.env.unwrapped.health()).items():
+        metrics_logger.log_value(("fastvec", key), value, reduce="max", window=1)
+
+
 def on_episode_end(*, episode, **kwargs):
     REC.episodes_ended.append((episode.is_terminated, episode.is_truncated,
                                episode.get_infos(-1)))
@@ -115,7 +121,8 @@ def ppo():
                      rollout_fragment_length=BATCH // NUM_ENVS)
         .training(train_batch_size_per_learner=BATCH, minibatch_size=BATCH // 2, num_epochs=1)
         .callbacks(on_environment_created=on_environment_created,
-                   on_episode_step=on_episode_step, on_episode_end=on_episode_end)
+                   on_episode_step=on_episode_step, on_episode_end=on_episode_end,
+                   on_sample_end=log_fastvec_health)
     )
     algo = config.build_algo()
     try:
@@ -154,6 +161,9 @@ def test_worker_killed_while_sampling_costs_no_episode(ppo):
     assert result["training_iteration"] == 2
     assert not [e for e in rec.episodes_ended[before:] if e[2].get("worker_restarted")]
     assert fast.health()[1]["resumed"] == 1
+    # the recipe in docs/observe.md: the same figures in RLlib's own results
+    health = result[ENV_RUNNER_RESULTS]["fastvec"]
+    assert health["restarts"] == 1 and health["resumed_episodes"] == 1, health
     # the same runner and env went on: no env rebuilt, no step failure seen by RLlib
     assert algo.env_runner is runner and runner.env.unwrapped is fast
     assert rec.envs_created == [fast]
