@@ -40,6 +40,13 @@ class Checkpoints:
         self._infos.publish()
         return self._obs.batch(r), infos
 
+    def take_episode_notes(self) -> dict | None:
+        """The episode starts, ends and snapshots this env's episode log noted since the
+        previous call (:meth:`fastvec.episodes.EpisodeLog.take_notes`; None: none, the
+        common case, or ``resume="off"``): a copy of the log kept elsewhere (RayVectorEnv's
+        driver) applies them after each step to stay equal to it."""
+        return None if self._episodes is None else self._episodes.take_notes()
+
     def _resumer(self, what: str) -> Resume:
         if self._resume is None:
             raise FastVecError(f"{what}() needs the episode log: build the vector env with "

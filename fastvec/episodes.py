@@ -23,12 +23,21 @@ have.
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 
 from fastvec.replay import OP_CALL, Fresh, Replay, Start
 
+# One step's results as batched arrays, shaped like ring slot 0 of a Views (record_arrays).
+_Rows = namedtuple("_Rows", "act reward terminated truncated")
+_NOT_RESET = "the env has not been reset yet"
+
 
 class EpisodeLog:
+    #: per env, the (start, latest snapshot, why ended) that take_notes() last reported
+    _reported: list | None = None
+
     def __init__(self, act_views: list, num_envs: int, cap: int):
         self.cap, self.num_envs = cap, num_envs
         self.acts = [None if a is None else np.zeros((cap, *a.shape), a.dtype)
@@ -40,7 +49,7 @@ class EpisodeLog:
         self.clock: np.ndarray | None = None  # per env, once envs step apart (first-ready)
         self.begin = np.full(num_envs, -1, np.int64)
         self.starts: list[Start | None] = [None] * num_envs
-        self.why: list[str] = ["the env has not been reset yet"] * num_envs
+        self.why: list[str] = [_NOT_RESET] * num_envs
         self.extras: list[dict] = [{} for _ in range(num_envs)]
         self.events: list[list] = [[] for _ in range(num_envs)]
         # the two latest Snapshots of each env's episode (a replay must step at least once
@@ -81,6 +90,21 @@ class EpisodeLog:
             if pickled.get(i):
                 self._extra(i, int(self.clock[i]), pickled[i])
             self.clock[i] += 1
+
+    def record_arrays(self, actions: list, reward, terminated, truncated, env_ids=None,
+                      pickled: dict | None = None) -> None:
+        """Log one step from batched arrays instead of ring slots (RayVectorEnv's driver,
+        which holds no ring): ``actions`` per action leaf, one row per env (None for a
+        leaf that travels pickled: its values in ``pickled``, env -> {leaf: value}),
+        ``reward``/``terminated``/``truncated`` one value per env. ``env_ids``: only
+        these envs stepped (first-ready batches); the other rows are not read."""
+        rows = _Rows(actions, np.asarray(reward)[None], np.asarray(terminated)[None],
+                     np.asarray(truncated)[None])
+        if env_ids is None:
+            self.record(rows, 0, pickled or {})
+        else:
+            self.record_envs(rows, [0] * len(env_ids), [int(i) for i in env_ids],
+                             pickled or {})
 
     def _extra(self, i: int, t: int, leaves: dict) -> None:
         extras = self.extras[i]
@@ -140,6 +164,42 @@ class EpisodeLog:
                 continue
             mine = payload if op == OP_CALL else (payload[0], payload[1][i])
             events.append((int(self.now(i) - self.begin[i]), op, mine))
+
+    # -- a copy kept elsewhere (RayVectorEnv's driver mirrors each node's log) -----------
+    def take_notes(self) -> dict | None:
+        """The episode starts, ends and snapshots logged since the previous call, as
+        ``{"starts": {i: Start}, "ended": {i: why}, "snapshots": {i: Snapshot}}``, or None
+        when there are none (the common case). A copy of this log that records the same
+        steps stays equal to it by :meth:`apply_notes` after each of them."""
+        if self._reported is None:
+            self._reported = [(None, None, _NOT_RESET)] * self.num_envs
+        notes = None
+        for i in range(self.num_envs):
+            start = self.starts[i]
+            snap = self.snaps[i][-1] if self.snaps[i] else None
+            why = self.why[i] if self.begin[i] < 0 else None
+            old = self._reported[i]
+            if start is old[0] and snap is old[1] and why == old[2]:
+                continue
+            self._reported[i] = (start, snap, why)
+            notes = notes or {"starts": {}, "ended": {}, "snapshots": {}}
+            if start is None:
+                notes["ended"][i] = why
+            elif start is not old[0]:
+                notes["starts"][i] = start
+            if snap is not None and snap is not old[1]:
+                notes["snapshots"][i] = snap
+        return notes
+
+    def apply_notes(self, notes: dict | None, offset: int = 0) -> None:
+        """Apply another log's :meth:`take_notes`, whose env ``j`` is this log's env
+        ``offset + j``, after recording the same step."""
+        if not notes:
+            return
+        for j, why in notes["ended"].items():
+            self.end([offset + j], why)
+        self.started({offset + j: s for j, s in notes["starts"].items()},
+                     {offset + j: s for j, s in notes["snapshots"].items()})
 
     # -- reading ---------------------------------------------------------------------------
     def steps(self, i: int) -> int:

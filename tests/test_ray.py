@@ -2,9 +2,10 @@
 
 One cluster for the module: a head and two workers with one CPU each and a custom resource
 per node (``node0``, ``node1``, ``node2``) to pin actors. Checked here: equivalence with
-SyncVectorEnv in the three autoreset modes; a node removed mid-run (its envs flagged once,
-the others exact, the replacement on another node); an actor SIGKILLed and one frozen
-(SIGSTOP: a partition past ``actor_timeout``); the restart budget; call/get_attr/set_attr;
+SyncVectorEnv in the three autoreset modes; a node removed mid-run and an actor SIGKILLed
+(with resume: the run equal to SyncVectorEnv across them; with resume="off": their envs
+flagged once, the others exact, the replacement elsewhere); an actor frozen (SIGSTOP: a
+partition past ``actor_timeout``); the restart budget; call/get_attr/set_attr;
 first-ready batches; and after every test no actor process, no fastvec worker and nothing
 in /dev/shm left by them. Skipped as a whole without the ``ray`` extra.
 """
@@ -244,7 +245,7 @@ def test_node_removed_mid_run(cluster):
     the envs on the other node stay exact step for step, the replacement runs elsewhere."""
     doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1})
     env = RayVectorEnv([CounterEnv] * 4, placement=[{"node1": 0.01}, {"doomed": 0.01}],
-                       **FAST)
+                       resume="off", **FAST)
     ref = SyncVectorEnv([CounterEnv] * 4)
     rng = np.random.default_rng(0)
     try:
@@ -292,7 +293,7 @@ def test_node_removed_mid_run(cluster):
 
 def test_actor_sigkill(cluster):
     env = RayVectorEnv([CounterEnv] * 4, placement=[{"node1": 0.01}, {"node2": 0.01}],
-                       **FAST)
+                       resume="off", **FAST)
     try:
         env.reset(seed=3)
         for _ in range(3):
@@ -319,7 +320,7 @@ def test_actor_sigkill(cluster):
                          ids=lambda m: m.name)
 def test_actor_sigkill_other_modes(cluster, mode):
     env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, autoreset_mode=mode,
-                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], resume="off", **FAST)
     try:
         obs, _ = env.reset(seed=1)
         for _ in range(2):
@@ -351,7 +352,7 @@ def test_actor_lost_before_reset_and_in_recv(cluster):
     """A reset that meets a dead actor is replayed, same seeds, by the replacement; a dead
     actor in first-ready batches comes back flagged like in step()."""
     fns = [CounterEnv] * 2
-    env = RayVectorEnv(fns, envs_per_actor=1, batch_size=1,
+    env = RayVectorEnv(fns, envs_per_actor=1, batch_size=1, resume="off",
                        placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
     ref = SyncVectorEnv(fns)
     try:
@@ -381,7 +382,7 @@ def test_actor_lost_before_reset_and_in_recv(cluster):
 
 def test_frozen_actor_counts_as_unresponsive(cluster):
     """SIGSTOP stands in for a partition: no answer within actor_timeout."""
-    env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, start_timeout=3.0,
+    env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, start_timeout=3.0, resume="off",
                        actor_timeout=4.0, placement=[{"node1": 0.01}, {"node2": 0.01}])
     try:
         env.reset(seed=0)
@@ -401,7 +402,7 @@ def test_frozen_actor_counts_as_unresponsive(cluster):
 
 def test_restart_budget(cluster):
     env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, max_actor_restarts=1,
-                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+                       resume="off", placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
     try:
         env.reset(seed=0)
         os.kill(env.health()[0]["pid"], signal.SIGKILL)
@@ -446,3 +447,104 @@ def test_close_leaves_no_actor(cluster):
         assert wait_until(lambda: _actor_gone(h), 30.0)
     assert wait_until(lambda: all(_dead(p) for p in actors + workers), 10.0)
     assert not [n for n in _fv_names() if int(_NAME.match(n).group(1)) in actors]
+
+
+# -- resume: a lost actor's episodes go on in its replacement -------------------------------------
+
+@pytest.mark.parametrize("mode", list(AutoresetMode), ids=lambda m: m.name)
+def test_actor_sigkill_resumes_episodes(cluster, mode):
+    """Twin of the SIGKILL tests with resume on: the run stays equal to SyncVectorEnv step
+    for step (infos too, but the resumed flags) across two SIGKILLed actors."""
+    n, kills = 4, {25: 0, 70: 1}  # step -> the actor killed just before it
+    env = RayVectorEnv([CounterEnv] * n, autoreset_mode=mode,
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    sync = SyncVectorEnv([CounterEnv] * n, autoreset_mode=mode)
+    try:
+        _assert_same(sync.reset(seed=11), env.reset(seed=11), "reset")
+        for t in range(90):
+            if t in kills:
+                os.kill(env.health()[kills[t]]["pid"], signal.SIGKILL)
+            a = np.random.default_rng(t).integers(0, 5, n)
+            expected, got = sync.step(a), env.step(a)
+            _assert_same(expected[:4], got[:4], f"step {t}")
+            if t in kills:
+                assert got[4]["_worker_resumed"].tolist() == [i // 2 == kills[t] for i in range(n)]
+                assert got[4]["worker_resumed_reason"][2 * kills[t]].startswith("actor_died")
+            _assert_same(expected[4], {k: v for k, v in got[4].items() if "resumed" not in k},
+                         f"infos of step {t}")
+            done = expected[2] | expected[3]
+            if mode == AutoresetMode.DISABLED and done.any():
+                _assert_same(sync.reset(options={"reset_mask": done.copy()}),
+                             env.reset(options={"reset_mask": done.copy()}), "masked reset")
+        assert [(a["restarts"], a["resumed"], a["not_resumed"]) for a in env.health()] \
+            == [(1, 2, {})] * 2
+    finally:
+        env.close()
+        sync.close()
+
+
+def test_node_removed_resumes_episodes(cluster):
+    """Twin of test_node_removed_mid_run with resume on: no env loses its episode."""
+    doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1})
+    env = RayVectorEnv([CounterEnv] * 4, placement=[{"node1": 0.01}, {"doomed": 0.01}],
+                       **FAST)
+    ref = SyncVectorEnv([CounterEnv] * 4)
+    try:
+        _assert_same(ref.reset(seed=5), env.reset(seed=5), "reset")
+        flagged = []
+        for t in range(40):
+            if t == 5:
+                doomed_id = env.health()[1]["node_id"]
+                cluster.remove_node(doomed, allow_graceful=False)
+            a = np.random.default_rng(t).integers(0, 5, 4)
+            expected, got = ref.step(a), env.step(a)
+            _assert_same(expected[:4], got[:4], f"step {t}")
+            if "worker_resumed" in got[4]:
+                flagged.append(t)
+                assert got[4]["_worker_resumed"].tolist() == [False, False, True, True]
+                assert got[4]["worker_resumed_reason"][2].startswith("node_lost")
+            time.sleep(0.05)
+        assert len(flagged) == 1, f"flagged at steps {flagged}"
+        h = env.health()  # the replacement runs elsewhere
+        assert h[1]["reasons"] == {"node_lost": 1} and h[1]["resumed"] == 2
+        assert h[1]["alive"] and h[1]["node_id"] not in (None, doomed_id)
+    finally:
+        env.close()
+        ref.close()
+
+
+def test_actor_lost_in_recv_resumes_and_fallback(cluster):
+    """recv: the lost actor's env comes back with its real step; an episode longer than
+    max_replay_steps cannot be replayed: truncated as with resume="off", with the reason."""
+    fns, pins = [CounterEnv] * 2, [{"node1": 0.01}, {"node2": 0.01}]
+    env = RayVectorEnv(fns, envs_per_actor=1, batch_size=1, placement=pins, **FAST)
+    ref = SyncVectorEnv(fns)
+    short = RayVectorEnv(fns, envs_per_actor=1, max_replay_steps=3, placement=pins, **FAST)
+    try:
+        _assert_same(ref.reset(seed=4), env.reset(seed=4), "reset")
+        for _ in range(3):
+            _assert_same(ref.step(np.ones(2, np.int64)), env.step(np.ones(2, np.int64)), "step")
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        env.send(np.full(2, 2, np.int64))
+        expected, seen = ref.step(np.full(2, 2, np.int64)), {}
+        while len(env.stepping):
+            obs, rew, term, trunc, info, ids = env.recv()
+            for j, i in enumerate(ids):
+                seen[int(i)] = (obs[j], rew[j], bool(info.get("_worker_resumed", [0])[j]))
+        for i in (0, 1):
+            np.testing.assert_array_equal(seen[i][0], expected[0][i])
+            assert seen[i][1] == expected[1][i] and seen[i][2] == (i == 0)
+        short.reset(seed=4)
+        obs = [short.step(np.ones(2, np.int64))[0] for _ in range(5)][-1]
+        os.kill(short.health()[0]["pid"], signal.SIGKILL)
+        prev, (obs, rew, _, trunc, info) = obs, short.step(np.ones(2, np.int64))
+        assert trunc.tolist() == [True, False] and rew[0] == 0.0 and "worker_resumed" not in info
+        np.testing.assert_array_equal(obs[0], prev[0])
+        assert re.search("not resumed: .*max_replay_steps", info["worker_restart_reason"][0])
+        obs, *_ = short.step(np.ones(2, np.int64))
+        assert obs[:, 1].tolist() == [0, 7]  # the replacement's fresh episode
+        assert short.health()[0]["not_resumed"] == {"too long": 1}
+    finally:
+        env.close()
+        ref.close()
+        short.close()

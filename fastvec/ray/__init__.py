@@ -7,12 +7,15 @@
       concatenate the actors' parts (zero-copy reads of the object store, one copy into the batch)
 
 Only batches cross the network; the rings and the watchdog that respawns a failed worker
-stay inside the node. The driver watches the actors: one that is lost (its node crashed,
-its process was killed, it did not answer within ``actor_timeout``) gets its envs'
-step returned as truncated, reward 0, the last observation, with
+stay inside the node. The driver watches the actors and keeps a copy of the nodes' episode
+logs: one that is lost (its node crashed, its process was killed, it did not answer within
+``actor_timeout``) is replaced (on another node if the node was lost), the replacement
+replays its envs' episodes from the driver's log and takes the lost step again, which
+returns its real results with ``infos["worker_resumed"]``; where that fails (or with
+``resume="off"``) the step returns its envs truncated, reward 0, the last observation, with
 ``infos["worker_restarted"]`` and a reason (``"node_lost"``, ``"actor_died"``, ``"oom"``,
-``"unresponsive"``), and a replacement actor (on another node if the node was lost) that
-resets them with derived seeds. Every ``ray.get`` / ``ray.wait`` has a deadline.
+``"unresponsive"``), and the replacement resets them with derived seeds. Every
+``ray.get`` / ``ray.wait`` has a deadline.
 
 One module per idea:
 
@@ -23,6 +26,7 @@ One module per idea:
     placement.py  where an actor goes, and off which lost nodes
     calls.py      deadlines on every request to an actor; Ray's errors sorted
     failover.py   lost actors: replaced within a budget, their envs flagged in the batch
+    resume.py     the driver's copy of the episode logs; a lost actor's state for its replacement
     nested.py     batched structures: slicing, joining, merging infos
 
 Importing :mod:`fastvec` never imports this package (nor Ray); import ``fastvec.ray``.

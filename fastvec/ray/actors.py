@@ -41,6 +41,9 @@ class Slot:
     last_failure_time: float | None = None
     pending_reset: Any = None  # a replacement's reset: the result of this slot's next step
     last_obs: Any = None
+    sent: Any = None  # the actions of the step in flight (re-sent to a resumed replacement)
+    resumed: int = 0  # episodes a replacement went on with (resume)
+    not_resumed: collections.Counter = field(default_factory=collections.Counter)
 
     @property
     def envs(self) -> range:

@@ -25,7 +25,8 @@ class Call:
     """One request to one actor: what its result will be and when it counts as lost."""
 
     ref: Any
-    kind: str  # "start", "step", "reset" (also a replacement's reset standing in for a step)...
+    kind: str  # "start", "step", "reset" (also a replacement's reset standing in for a step),
+    # "resume" (a replacement replaying its envs' episodes, then the lost step)...
     deadline: float
     sent: float = field(default_factory=time.monotonic)
 
@@ -45,7 +46,7 @@ class Calls:
 
     def call(self, ref, kind: str) -> Call:
         # A replacement may first wait for its predecessor's process to end (host.py).
-        slack = PREDECESSOR_WAIT if kind in ("start", "reset") else 0.0
+        slack = PREDECESSOR_WAIT if kind in ("start", "reset", "resume") else 0.0
         return Call(ref, kind, time.monotonic() + self.actor_timeout + slack)
 
     def get(self, ref):

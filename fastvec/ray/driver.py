@@ -27,6 +27,8 @@ from fastvec.ray.failover import Failover
 from fastvec.ray.nested import concat, conform, merge_infos, rows, take
 from fastvec.ray.options import RayOptions, check_node_kwargs, env_fns_of
 from fastvec.ray.placement import actor_sizes, initial_pins
+from fastvec.ray.resume import EpisodeMirror
+from fastvec.replay import OP_CALL, OP_SET_ATTR
 
 
 class RayVectorEnv(VectorContract, VectorEnv):
@@ -108,9 +110,14 @@ class RayVectorEnv(VectorContract, VectorEnv):
         actors = self._actors = Actors(env_fns, pins, actor_sizes(n, envs_per_actor, len(pins)),
                                        opts.node_kwargs, opts.actor_options, calls)
         self._slots = actors.slots
-        self._failover = Failover(actors, calls, n, self.max_actor_restarts,
-                                  self.actor_restart_window, self._close_broken)
         self._needs_reset = np.zeros(n, np.bool_)
+        # the driver's copy of the nodes' episode logs (fastvec/ray/resume.py)
+        self._mirror = (EpisodeMirror(self.single_observation_space, self.single_action_space,
+                                      n, opts.max_replay_steps, self.autoreset_mode)
+                        if opts.resume else None)
+        self._failover = Failover(actors, calls, n, self.max_actor_restarts,
+                                  self.actor_restart_window, self._close_broken,
+                                  self._mirror, self._needs_reset)
         self._pending: dict = {}
         self._flying: dict = {}  # send/recv
         self._finalizer = weakref.finalize(self, actors.cleanup)
@@ -122,8 +129,10 @@ class RayVectorEnv(VectorContract, VectorEnv):
 
     # -- health ---------------------------------------------------------------------------------
     def health(self) -> list[dict]:
-        """Per actor: node, pid, generation, actor-level restarts and reasons, and the
-        ``health()`` of its FastVectorEnv's workers (with global env indices)."""
+        """Per actor: node, pid, generation, actor-level restarts and reasons, the episodes
+        its replacements resumed (``resumed``) and those they could not (``not_resumed``,
+        by reason), and the ``health()`` of its FastVectorEnv's workers (with global env
+        indices)."""
         self._assert_idle("health")
         for s in self._slots:
             self._actors.resolve_start(s)
@@ -137,6 +146,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
                 "actor": s.index, "envs": list(s.envs), "node_id": s.node_id, "pid": s.pid,
                 "alive": out.value is not None, "generation": s.generation,
                 "restarts": s.restarts, "reasons": dict(s.reasons),
+                "resumed": s.resumed, "not_resumed": dict(s.not_resumed),
                 "last_failure": s.last_failure, "last_failure_time": s.last_failure_time,
                 "worker_restarts": sum(w["restarts"] for w in workers),
                 "workers": workers,
@@ -174,9 +184,11 @@ class RayVectorEnv(VectorContract, VectorEnv):
         self._state = State.DEFAULT
         seeds, options, mask = self._reset_args
         infos: dict = {}
-        restarted = []
+        restarted, marks = [], []
         for a, out in outs.items():
             s = self._slots[a]
+            if out.lost and self._mirror is not None:
+                self._mirror.end(s.envs, f"the actor was lost in a reset: {out.lost[0]}")
             while out.lost:
                 # The reset is run again, with the same seeds, by the replacement.
                 failure = out.lost
@@ -188,8 +200,12 @@ class RayVectorEnv(VectorContract, VectorEnv):
                 out = self._failover.await_replacement(s, ref)
             if out.error is not None:
                 raise self._failover.remote_error(s, out.error)
-            s.last_obs, info = out.value
+            s.last_obs, info, notes = out.value
             merge_infos(infos, info, s.lo, self.num_envs)
+            marks.append((s.lo, notes))
+        if self._mirror is not None:
+            self._mirror.reset(np.ones(self.num_envs, np.bool_) if mask is None else mask)
+            self._mirror.apply(marks)
         for s, (reason, detail) in restarted:
             for i in s.envs:
                 infos = self._add_info(infos, restart_info(f"{reason}: {detail}"), i)
@@ -206,14 +222,15 @@ class RayVectorEnv(VectorContract, VectorEnv):
         assert_resets_done(self.autoreset_mode, self._needs_reset)
         actions = self._conform(self.action_space, actions)
         calls = {}
+        self._sent = actions
         for s in self._slots:
+            s.sent = rows(actions, s.lo, s.hi)
             if s.pending_reset is not None and self.autoreset_mode != AutoresetMode.DISABLED:
                 # NEXT_STEP after a replacement: this step returns the fresh episode's start.
                 calls[s.index] = self._calls.call(s.pending_reset, "reset")
                 s.pending_reset = None
             else:
-                calls[s.index] = self._calls.call(
-                    s.handle.step.remote(rows(actions, s.lo, s.hi)), "step")
+                calls[s.index] = self._calls.call(s.handle.step.remote(s.sent), "step")
         self._pending = calls
         self._state = State.WAITING_STEP
 
@@ -222,8 +239,11 @@ class RayVectorEnv(VectorContract, VectorEnv):
         outs = self._calls.collect(self._pending, timeout)
         calls, self._pending = self._pending, {}
         self._state = State.DEFAULT
-        obs, rew, term, trunc, infos, restarted = self._failover.assemble(
+        obs, rew, term, trunc, infos, restarted, marks = self._failover.assemble(
             self._slots, calls, outs, fresh_now=self.autoreset_mode == AutoresetMode.SAME_STEP)
+        if self._mirror is not None:
+            self._mirror.record(self._sent, rew, term, trunc)
+            self._mirror.apply(marks)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             self._needs_reset |= term | trunc
         self._raise_if_policy(restarted)
@@ -258,12 +278,12 @@ class RayVectorEnv(VectorContract, VectorEnv):
         actions = take(actions, np.argsort(ids, kind="stable"))  # rows in ascending env order
         at = 0
         for s in slots:
+            s.sent = rows(actions, at, at + (s.hi - s.lo))
             if s.pending_reset is not None:
                 self._flying[s.index] = self._calls.call(s.pending_reset, "reset")
                 s.pending_reset = None
             else:
-                part = rows(actions, at, at + (s.hi - s.lo))
-                self._flying[s.index] = self._calls.call(s.handle.step.remote(part), "step")
+                self._flying[s.index] = self._calls.call(s.handle.step.remote(s.sent), "step")
             at += s.hi - s.lo
 
     def recv(self, timeout: float | None = None):
@@ -286,32 +306,41 @@ class RayVectorEnv(VectorContract, VectorEnv):
         calls = {a: self._flying.pop(a) for a in chosen}
         outs = self._calls.outcomes(calls, done)
         slots = [self._slots[a] for a in chosen]
-        obs, rew, term, trunc, infos, restarted = self._failover.assemble(slots, calls, outs,
-                                                                          fresh_now=False)
-        self._raise_if_policy(restarted)
+        obs, rew, term, trunc, infos, restarted, marks = self._failover.assemble(
+            slots, calls, outs, fresh_now=False)
         ids = np.array([i for s in slots for i in s.envs], np.int64)
+        if self._mirror is not None:
+            self._mirror.record(concat([s.sent for s in slots]), rew, term, trunc, ids)
+            self._mirror.apply(marks)
+        self._raise_if_policy(restarted)
         return obs, rew, term, trunc, infos, ids
 
     # -- call / attributes ------------------------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         self._assert_idle("call")
         assert_callable(name)
-        return self._on_all(lambda s: s.handle.call.remote(name, args, kwargs), "a call")
+        return self._on_all(lambda s: s.handle.call.remote(name, args, kwargs), "a call",
+                            (OP_CALL, (name, args, kwargs)))
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         self._assert_idle("get_attr")
-        return self._on_all(lambda s: s.handle.get_attr.remote(name), "get_attr")
+        return self._on_all(lambda s: s.handle.get_attr.remote(name), "get_attr",
+                            (OP_CALL, (name, (), {})))  # the nodes' get_attr is a call
 
     def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
         self._assert_idle("set_attr")
         values = attr_values(values, self.num_envs)
         self._on_all(lambda s: s.handle.set_attr.remote(name, values[s.lo:s.hi]),
-                     "set_attr", results=False)
+                     "set_attr", (OP_SET_ATTR, (name, values)), results=False)
 
-    def _on_all(self, submit, what: str, results: bool = True):
+    def _on_all(self, submit, what: str, event: tuple, results: bool = True):
         outs = self._calls.collect({s.index: self._calls.call(submit(s), "call")
                                     for s in self._slots}, None)
         lost = [(self._slots[a], out.lost) for a, out in outs.items() if out.lost]
+        if self._mirror is not None:  # logged once it reached the envs, as the nodes log it
+            for s, (reason, _) in lost:
+                self._mirror.end(s.envs, f"the actor was lost in {what}: {reason}")
+            self._mirror.event(*event)
         for s, (reason, detail) in lost:
             self._failover.replace(s, reason, detail, pending=True)
         if lost:

@@ -6,6 +6,11 @@ envs come back truncated, reward 0, their last observation, with
 the node was lost) resets them with seeds derived as for a replaced worker inside a node
 (:func:`fastvec.contract.derive_seed`). More than ``max_actor_restarts`` replacements of one
 actor within ``actor_restart_window`` seconds raise RestartBudgetExceeded and close the env.
+
+With resume on (the default), a step or ``recv`` that meets a lost actor first tries to
+resume its envs instead (:meth:`Failover.resume`, the driver's log in fastvec/ray/resume.py):
+the replacement replays their episodes and steps again, and the step returns its real
+results with ``infos["worker_resumed"]``; only if that fails are they truncated as above.
 """
 
 from __future__ import annotations
@@ -16,23 +21,29 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fastvec.contract import InfoBatcher, derive_seed, restart_info
+from fastvec.contract import InfoBatcher, derive_seed, restart_info, resumed_info
 from fastvec.errors import RestartBudgetExceeded, WorkerFailure
 from fastvec.ray.actors import Actors, Slot
 from fastvec.ray.calls import Call, Calls, Outcome
 from fastvec.ray.nested import concat, merge_infos, row
+from fastvec.ray.resume import EpisodeMirror, not_resumed_kind
 
 log = logging.getLogger("fastvec.ray")
 
 
 class Failover:
     """Replaces lost actors within their budget; owns the envs' original seeds and the
-    nodes that were lost. ``on_broken`` closes the vector env once a budget is spent."""
+    nodes that were lost. ``on_broken`` closes the vector env once a budget is spent;
+    ``mirror`` (None: ``resume="off"``) is the driver's log of the episodes, and
+    ``needs_reset`` the driver's array of envs awaiting a reset (DISABLED)."""
 
     def __init__(self, actors: Actors, calls: Calls, num_envs: int, max_actor_restarts: int,
-                 actor_restart_window: float, on_broken: Callable[[], None]):
+                 actor_restart_window: float, on_broken: Callable[[], None],
+                 mirror: EpisodeMirror | None = None, needs_reset: np.ndarray | None = None):
         self._actors = actors
         self._calls = calls
+        self._mirror = mirror
+        self._needs_reset = needs_reset
         self._max_restarts = max_actor_restarts
         self._window = actor_restart_window
         self._on_broken = on_broken
@@ -75,9 +86,43 @@ class Failover:
         None: derived). Returns that reset's ref (also kept as the slot's next step result
         when ``pending``)."""
         self.relaunch(s, reason, detail)
+        return self.reset_fresh(s, seeds, options, pending)
+
+    def reset_fresh(self, s: Slot, seeds: list | None = None, options: dict | None = None,
+                    pending: bool = False):
+        """Submit the reset of the slot's replacement: fresh episodes, ``seeds`` (None:
+        derived). Returns its ref (also the slot's next step result when ``pending``)."""
         ref = s.handle.reset.remote(self.derived_seeds(s) if seeds is None else seeds, options)
         s.pending_reset = ref if pending else None
         return ref
+
+    def resume(self, s: Slot, reason: str, detail: str) -> tuple[Outcome, str | None]:
+        """Replace the slot's lost actor and have the replacement replay its envs' episodes
+        from the driver's log, then take the lost step (``s.sent``) again, all within the
+        actor deadline. Returns the step's outcome, or ``(Outcome(), why)`` when its envs
+        cannot all be resumed: the replacement (a second one if it was lost too: one
+        replay, not a storm) is then the caller's to reset as without resume."""
+        state = self._mirror.state(s.envs, s.last_obs, self._needs_reset,
+                                   self._base_seeds)
+        self.relaunch(s, reason, detail)
+        out = self.await_replacement(s, s.handle.resume.remote(state, s.sent), "resume")
+        k = s.hi - s.lo
+        if out.lost:
+            why = f"the replacement was lost too ({out.lost[0]}: {out.lost[1]})"
+            s.not_resumed["crash repeated"] += k
+            self.relaunch(s, *out.lost)
+            return Outcome(), why
+        if out.error is not None:  # raised by the re-sent step: the caller raises it
+            return out, None
+        kind, value = out.value
+        if kind == "resumed":
+            s.resumed += k
+            return Outcome(value=value), None
+        lost = [why for why in value if why is not None]
+        s.not_resumed.update(not_resumed_kind(why) for why in lost)
+        if len(lost) < k:
+            s.not_resumed["another env of its actor"] += k - len(lost)
+        return Outcome(), lost[0]
 
     def relaunch(self, s: Slot, reason: str, detail: str) -> None:
         """Count the failure against the budget, kill the old actor and start its
@@ -108,11 +153,16 @@ class Failover:
         self._actors.launch(s, predecessor, self._lost_nodes)
         s.node_id = s.pid = s.host = None
 
-    def await_replacement(self, s: Slot, ref) -> Outcome:
-        """Wait (with the actor deadline) for a replacement to start and reset."""
-        outs = self._calls.collect({s.index: self._calls.call(s.start_ref, "start"),
-                                    -1: self._calls.call(ref, "reset")}, None)
-        start = outs[s.index]
+    def await_replacement(self, s: Slot, ref, kind: str = "reset") -> Outcome:
+        """Wait (with the actor deadline) for a replacement to start (if it has not yet
+        answered) and to answer ``ref``."""
+        calls = {-1: self._calls.call(ref, kind)}
+        if s.start_ref is not None:
+            calls[s.index] = self._calls.call(s.start_ref, "start")
+        outs = self._calls.collect(calls, None)
+        start = outs.get(s.index)
+        if start is None:
+            return outs[-1]
         if start.value is not None:
             self._actors.identify(s, start.value)
         return outs[-1] if start.value is not None else start
@@ -136,38 +186,54 @@ class Failover:
     # -- batches ----------------------------------------------------------------------------------
     def assemble(self, slots: list[Slot], calls: dict[int, Call], outs: dict[int, Outcome],
                  fresh_now: bool):
-        """One step's batch over ``slots`` (in order) from their outcomes: lost actors are
-        replaced and their envs truncated and flagged. ``fresh_now`` (SAME_STEP): the
-        replacement's reset is awaited and its observations returned at once, with
-        ``final_obs``; else it is the slot's next step result. Returns ``(obs, rewards,
-        terminations, truncations, infos, restarted)``."""
+        """One step's batch over ``slots`` (in order) from their outcomes: a lost actor's
+        envs are resumed by its replacement (:meth:`resume`), else truncated and flagged.
+        ``fresh_now`` (SAME_STEP): a truncated actor's replacement's reset is awaited and
+        its observations returned at once, with ``final_obs``; else it is the slot's next
+        step result. Returns ``(obs, rewards, terminations, truncations, infos, restarted,
+        marks)``: ``marks`` the episode notes, ``(first env, notes)`` in order, for the
+        driver's log once it recorded the step."""
         size = sum(s.hi - s.lo for s in slots)
         batch = InfoBatcher(size)
         infos: dict = {}
         rew = np.zeros(size, np.float64)
         term = np.zeros(size, np.bool_)
         trunc = np.zeros(size, np.bool_)
-        restarted = []
-        errors = []
+        restarted, errors, marks = [], [], []
         at = 0
         for s in slots:
             k = s.hi - s.lo
             out, call = outs[s.index], calls[s.index]
+            resumed = why = None
+            if out.lost is not None and self._mirror is not None and call.kind == "step":
+                resumed, why = self.resume(s, *out.lost)
+                detail = out.lost[1] if why is None else f"{out.lost[1]}; not resumed: {why}"
+                failure = (out.lost[0], detail)
+                restarted.append((s, failure))
+                out = resumed if why is None else Outcome(lost=failure)
             if out.error is not None:
                 errors.append((s, out.error))
             elif out.lost is None:
                 if call.kind == "reset":  # a replacement's fresh episode, as NEXT_STEP gives it
                     self._actors.resolve_start(s)
-                    s.last_obs, info = out.value
+                    s.last_obs, info, notes = out.value
                 else:
-                    s.last_obs, r, te, tr, info = out.value
+                    s.last_obs, r, te, tr, info, notes = out.value
                     rew[at:at + k], term[at:at + k], trunc[at:at + k] = r, te, tr
                 merge_infos(infos, info, at, size)
+                marks.append((s.lo, notes))
+                if resumed is not None:
+                    for j in range(k):
+                        batch.add(infos, resumed_info(": ".join(restarted[-1][1])), at + j)
             else:
                 reason, detail = out.lost
-                restarted.append((s, out.lost))
+                if resumed is None:  # else counted and replaced by resume()
+                    restarted.append((s, out.lost))
+                    self.relaunch(s, reason, detail)
+                marks.append((s.lo, {"starts": {}, "snapshots": {}, "ended": {
+                    j: f"the actor was lost: {reason}: {detail}" for j in range(k)}}))
                 last = s.last_obs
-                ref = self.replace(s, reason, detail, pending=not fresh_now)
+                ref = self.reset_fresh(s, pending=not fresh_now)
                 trunc[at:at + k] = True
                 if fresh_now:
                     fresh = self.await_replacement(s, ref)
@@ -176,15 +242,18 @@ class Failover:
                         fresh = self.await_replacement(s, ref)
                     if fresh.error is not None:
                         errors.append((s, fresh.error))
+                        at += k
                         continue
-                    s.last_obs, info = fresh.value
+                    s.last_obs, info, notes = fresh.value
                     for j in range(k):
                         batch.add(infos, {"final_obs": row(last, j), "final_info": {}}, at + j)
                     merge_infos(infos, info, at, size)
+                    marks.append((s.lo, notes))
                 for j in range(k):
                     batch.add(infos, restart_info(f"{reason}: {detail}"), at + j)
             at += k
         if errors:
             s, exc = errors[0]
             raise self.remote_error(s, exc)
-        return concat([s.last_obs for s in slots]), rew, term, trunc, infos, restarted
+        return (concat([s.last_obs for s in slots]), rew, term, trunc, infos, restarted,
+                marks)

@@ -1,8 +1,11 @@
 """The Ray actor on a node: one FastVectorEnv holding a contiguous share of the envs.
 
-The driver's calls map one to one onto its methods. A replacement that lands on the
-machine of the actor it replaces first waits for that actor's process to end, so that
-FastVectorEnv's start-up sweep removes the shared-memory names it left.
+The driver's calls map one to one onto its methods. A reset or step answers with the
+episode notes of the node's log (starts, ends, snapshots; usually None), which the driver's
+copy of the log applies (fastvec/ray/resume.py). A replacement that lands on the machine of
+the actor it replaces first waits for that actor's process to end, so that FastVectorEnv's
+start-up sweep removes the shared-memory names it left; a replacement that resumes its
+envs' episodes gets them from the driver (:meth:`_NodeHost.resume`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import socket
 import time
 
+import numpy as np
 import ray
 
 from fastvec.vector_env import FastVectorEnv
@@ -58,10 +62,31 @@ class _NodeHost:
     def reset(self, seeds, options):
         # copy=False: the observations are views of the ring slot, serialised into the
         # object store when this method returns, before the next call can touch the slot.
-        return self._env.reset(seed=seeds, options=options)
+        obs, info = self._env.reset(seed=seeds, options=options)
+        return obs, info, self._env.take_episode_notes()
 
     def step(self, actions):
-        return self._env.step(actions)
+        return (*self._env.step(actions), self._env.take_episode_notes())
+
+    def resume(self, state: dict, actions):
+        """Replay the lost actor's episodes (``state``: the driver's log of them, in the
+        format of ``FastVectorEnv.state_dict``); if every env resumed, send the lost step
+        again: ``("resumed", step's answer)``; else ``("fallback", why per env or None)``
+        and the driver resets them all as without resume."""
+        n = self._env.num_envs
+        try:
+            _, infos = self._env.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - any reason is a reason not to resume
+            why = f"the replacement could not load the episodes: {type(exc).__name__}: {exc}"
+            return "fallback", [why] * n
+        self._env.take_episode_notes()  # the episodes the driver's log holds already
+        resumed = infos.get("_worker_resumed", np.zeros(n, np.bool_))
+        if not resumed.all():
+            reasons = infos.get("worker_restart_reason", [""] * n)
+            return "fallback", [None if resumed[j] else
+                                str(reasons[j]).split("not resumed: ", 1)[-1]
+                                for j in range(n)]
+        return "resumed", self.step(actions)
 
     def call(self, name, args, kwargs):
         return self._env.call(name, *args, **kwargs)

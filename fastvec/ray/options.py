@@ -15,7 +15,8 @@ from fastvec.vector_env import FastVectorEnv
 
 # FastVectorEnv keywords the driver keeps for itself instead of forwarding to the nodes.
 _DRIVER_ONLY = {"env_fns", "copy", "batch_size"}
-NODE_KWARGS = set(inspect.signature(FastVectorEnv).parameters) - _DRIVER_ONLY
+_NODE_PARAMETERS = inspect.signature(FastVectorEnv).parameters
+NODE_KWARGS = set(_NODE_PARAMETERS) - _DRIVER_ONLY
 
 
 def check_node_kwargs(fastvec_kwargs: Mapping[str, Any]) -> None:
@@ -53,6 +54,8 @@ class RayOptions:
     max_actor_restarts: int
     actor_restart_window: float
     node_kwargs: dict  # each node's FastVectorEnv keywords
+    resume: bool  # the driver keeps the episode logs: a lost actor's episodes go on
+    max_replay_steps: int
     actor_options: dict  # Ray's ActorClass.options() of every actor
 
     @classmethod
@@ -80,6 +83,9 @@ class RayOptions:
             max_actor_restarts=max_actor_restarts,
             actor_restart_window=float(actor_restart_window),
             node_kwargs={**fastvec_kwargs, "autoreset_mode": mode},
+            resume=fastvec_kwargs.get("resume", _NODE_PARAMETERS["resume"].default) != "off",
+            max_replay_steps=fastvec_kwargs.get(
+                "max_replay_steps", _NODE_PARAMETERS["max_replay_steps"].default),
             # A sliver of a CPU, not 0: Ray forwards an actor that needs no resource to a
             # random node for scheduling, and that can be a node that just died but is
             # still listed.
