@@ -37,7 +37,7 @@ import numpy as np
 
 from fastvec import _ring
 from fastvec.layout import unflatten
-from fastvec.replay import set_rng_state
+from fastvec.replay import replay_event, set_rng_state
 
 log = logging.getLogger("fastvec")
 
@@ -187,14 +187,8 @@ def run(bundle: dict, progress=lambda step: None) -> None:
             set_rng_state(env, ep["snapshot"].rng)
     events = list(ep["events"])
     for t in range(n):
-        for _ in [e for e in events if e[0] <= t]:
-            _, op, payload = events.pop(0)
-            if op == "set_attr":
-                env.set_wrapper_attr(*payload)
-            else:
-                attr = env.get_wrapper_attr(payload[0])
-                if callable(attr):
-                    attr(*payload[1], **payload[2])
+        while events and events[0][0] <= t:
+            replay_event(env, events.pop(0))
         extras = ep["extras"].get(t) or {}
         progress(skip + t + 1)
         env.step(unflatten(space, [extras.get(k, leaf[t]) for k, leaf in

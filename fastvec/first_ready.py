@@ -166,6 +166,8 @@ class FirstReady:
                         and (terminated | truncated)[list(ids).index(s.env_indices[0])]
                         and self.recovery.recycle_reason(s)]
             if recycled:
+                if self.log is not None:  # its next episode starts from a derived seed
+                    self.log.end([s.env_indices[0] for s in recycled], "recycled")
                 self.recovery.recycle(recycled, ReplacementPlan(when=When.NEXT))
         if not self.inflight.any():  # workers read the schema when a request starts
             self.columns.publish()

@@ -168,6 +168,8 @@ class Outcomes:
                 for slot in recycled:
                     self.replies.collect(slot, infos, r)
             else:
+                if self.log is not None:  # its next episode starts from a derived seed
+                    self.log.end([i for s in recycled for i in s.env_indices], "recycled")
                 self.recovery.recycle(recycled, ReplacementPlan(when=When.NEXT))
         sup.record_latency([s for s in p.slots if s not in reported])
         return infos, restarted + resumed, done

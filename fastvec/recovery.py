@@ -206,7 +206,10 @@ class Recovery:
         requests = []
         for slot, plan in items:
             derived = self.derived_seeds(slot)
-            seeds = [plan.seeds.get(j, derived[j]) for j in range(len(slot.env_indices))]
+            # a reset without a seed (None) in a new process takes the derived seed: the
+            # RNG it would have continued is gone, and entropy would not repeat
+            seeds = [derived[j] if plan.seeds.get(j) is None else plan.seeds[j]
+                     for j in range(len(slot.env_indices))]
             options = [plan.options.get(j) for j in range(len(slot.env_indices))]
             n = put_pickle(slot.payload, (seeds, options), self.opts.max_payload_bytes)
             requests.append((slot, _ring.OP_RESET, plan.ring, n, None))

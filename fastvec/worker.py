@@ -256,14 +256,18 @@ class Worker:
         ``report_starts``, note how its episode began for this request's reply. An
         autoreset passes no options, as SyncVectorEnv's does."""
         env = self.envs[j]
+        pending = self.pending_seed[j]
         seed = self._take_seed(j, seed)
+        rng = None if seed is not None or not self.spec.report_starts else rng_state(env)
+        try:
+            out = env.reset(seed=seed, options=options) if user else env.reset(seed=seed)
+        except BaseException:
+            self.pending_seed[j] = pending  # a reset that raised began no episode
+            raise
         self.episode_steps[j] = 0
         if self.spec.report_starts:
-            start = Start(seed, None if seed is not None else rng_state(env), options)
-            self._note(j)[:] = [start, None]  # a snapshot of the episode that ended: moot
-        if user:
-            return env.reset(seed=seed, options=options)
-        return env.reset(seed=seed)
+            self._note(j)[:] = [Start(seed, rng, options), None]  # a snapshot before: moot
+        return out
 
     def _note(self, j: int) -> list:
         if self.notes is None:

@@ -491,3 +491,40 @@ def test_snapshot_options_are_checked():
         FastVectorEnv([CounterEnv], snapshot_every=0)
     with pytest.raises(ValueError, match="resume='off'"):
         FastVectorEnv([CounterEnv], snapshot_every=5, resume="off")
+
+
+def test_a_call_that_raised_does_not_spoil_a_later_resume():
+    """Found by the soak: a call() that raised its own exception was logged and, replayed,
+    raised again, so a later loss fell back ("the replay raised") though the replay was
+    exact."""
+    env = FastVectorEnv([ScaledEnv] * 2)
+    try:
+        env.reset(seed=1)
+        a = np.ones(2, np.int64)
+        env.step(a)
+        with pytest.raises(ValueError):
+            env.call("set_scale", "not a number")
+        env.step(a)
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        *_, info = env.step(a)
+        assert info["_worker_resumed"].tolist() == [True, False], info
+    finally:
+        env.close()
+
+
+def test_an_unseeded_reset_replayed_without_resume_takes_the_derived_seed(tmp_path):
+    """Found by the soak: with resume='off', a worker lost in a reset() without seeds came
+    back from OS entropy (a different episode every run) instead of its derived seed."""
+    firsts = []
+    for run in range(2):
+        env = FastVectorEnv([functools.partial(ResetFaultEnv, str(tmp_path / f"m{run}"))] * 2,
+                            resume="off")
+        try:
+            env.reset(seed=[1, 2])
+            env.step(np.ones(2, np.int64))
+            obs, info = env.reset(options={"crash": True})
+            assert any(info["_worker_restarted"])
+            firsts.append(obs.copy())
+        finally:
+            env.close()
+    np.testing.assert_array_equal(firsts[0], firsts[1])
