@@ -124,13 +124,14 @@ def plot(runs: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
+    for n, run in enumerate(runs):
         data = np.genfromtxt(os.path.join(run, "monitor.csv"), delimiter=",", skip_header=2)
         returns, lengths = data[:, 0], data[:, 1]
         steps = np.cumsum(lengths)
         window = max(1, len(returns) // 20)
         smooth = np.convolve(returns, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, label=os.path.basename(run.rstrip("/")))
+        ax.plot(steps[window - 1:], smooth, label=os.path.basename(run.rstrip("/")),
+                lw=4 if n == 0 else 1.2, alpha=0.45 if n == 0 else 1.0)  # equal runs show
     ax.set_xlabel("env steps")
     ax.set_ylabel(f"episode return (moving mean of {window})")
     ax.set_title("PPO on fastvec/Wildfire-v0")
