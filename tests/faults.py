@@ -41,6 +41,21 @@ def do_fault(kind: str) -> None:
         raise ValueError(kind)
 
 
+def fault_on_command(command_dir: str | None, index: int) -> None:
+    """Do the fault a test wrote to ``<command_dir>/env<index>.cmd``, once (the file is
+    removed first, so the replacement does not fault again); nothing without a file."""
+    if not command_dir:
+        return
+    path = os.path.join(command_dir, f"env{index}.cmd")
+    try:
+        with open(path) as f:
+            kind = f.read().strip()
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    do_fault(kind)
+
+
 class CounterEnv(gym.Env):
     """Deterministic env whose observation lets a test check every transition.
 
@@ -73,16 +88,7 @@ class CounterEnv(gym.Env):
         return self._state.copy(), a * 0.5 + t, bool(t >= self._len), False, {}
 
     def _maybe_fault(self):
-        if not self.command_dir:
-            return
-        path = os.path.join(self.command_dir, f"env{self.index}.cmd")
-        try:
-            with open(path) as f:
-                kind = f.read().strip()
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        do_fault(kind)
+        fault_on_command(self.command_dir, self.index)
 
 
 class FaultOnceEnv(CounterEnv):
@@ -281,16 +287,7 @@ class CommandFault(gym.Wrapper):
         self.command_dir, self.index = command_dir, index
 
     def step(self, action):
-        if self.command_dir:
-            path = os.path.join(self.command_dir, f"env{self.index}.cmd")
-            try:
-                with open(path) as f:
-                    kind = f.read().strip()
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            else:
-                do_fault(kind)
+        fault_on_command(self.command_dir, self.index)
         return self.env.step(action)
 
 
