@@ -92,9 +92,14 @@ def train(args) -> None:
         print(f"resumed from {found[0]} ({model.num_timesteps} steps)")
     else:
         venv.seed(args.seed)
+        try:
+            import tensorboard  # noqa: F401  (with the sb3 extra)
+            tb = os.path.join(args.out, "tb")
+        except ImportError:
+            print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+            tb = None
         model = PPO("MlpPolicy", env, n_steps=args.n_steps, batch_size=args.n_steps,
-                    n_epochs=4, seed=args.seed, device="cpu", verbose=0,
-                    tensorboard_log=os.path.join(args.out, "tb"),
+                    n_epochs=4, seed=args.seed, device="cpu", verbose=0, tensorboard_log=tb,
                     policy_kwargs={"net_arch": [64, 64]})
     chaos = Chaos(venv, args.chaos, args.seed) if args.chaos else None
     if chaos:
