@@ -42,11 +42,13 @@ from fastvec.supervisor import Slot, Supervisor
 STATE_FORMAT = "fastvec.state/1"
 
 
-def _kind(why: str) -> str:
-    """The short name of a reason an episode was not resumed (``health()`` counts them)."""
+def not_resumed_kind(why: str) -> str:
+    """The short name of a reason an episode was not resumed (``health()`` counts them;
+    the last two are RayVectorEnv's: a replacement lost too, a load that raised)."""
     for key, kind in (("diverged", "diverged"), ("time budget", "over budget"),
                       ("max_replay_steps", "too long"), ("raised", "raised"),
-                      ("again", "crash repeated")):
+                      ("again", "crash repeated"), ("lost too", "crash repeated"),
+                      ("could not load", "raised")):
         if key in why:
             return kind
     return "nothing to replay"
@@ -186,7 +188,7 @@ class Resume:
             slot.resumed += len(outcomes[slot]) - len(lost)
             slot.replayed_steps += sum(o.steps for o in outcomes[slot])
             if lost:  # reported by the next step, as a call's lost worker always was
-                slot.not_resumed.update(_kind(why) for why in lost)
+                slot.not_resumed.update(not_resumed_kind(why) for why in lost)
                 slot.lost = Failure(failure.reason, f"{failure.detail}; not resumed: "
                                     f"{lost[0]}", exitcode=failure.exitcode)
         return resumed, [(s, again[s]) for s, _ in live if s in again], disabled, user_errors
@@ -230,7 +232,7 @@ class Resume:
                 resumed.append((slot, failure))
             else:  # not resumed: its episode ends here, truncated (recv reports it)
                 why = outcomes[slot][0].why
-                slot.not_resumed[_kind(why)] += 1
+                slot.not_resumed[not_resumed_kind(why)] += 1
                 self.log.end(slot.env_indices, why)
                 ended.append((slot, Failure(failure.reason, f"{failure.detail}; not "
                                             f"resumed: {why}", exitcode=failure.exitcode)))
@@ -310,7 +312,7 @@ class Resume:
                 slot.replayed_steps += o.steps
             self._add_info(infos, resumed_info(failure.text()), i)
             return
-        slot.not_resumed[_kind(o.why)] += 1
+        slot.not_resumed[not_resumed_kind(o.why)] += 1
         self.log.end([i], o.why)
         self._add_info(infos, restart_flag(Failure(
             failure.reason, f"{failure.detail}; not resumed: {o.why}")), i)
@@ -381,7 +383,7 @@ class Resume:
                     self._add_info(infos, resumed_info("load_state_dict"), i)
                 else:
                     bits |= 1 << j
-                    slot.not_resumed[_kind(o.why)] += 1
+                    slot.not_resumed[not_resumed_kind(o.why)] += 1
                     self.log.end([i], o.why)
                     self._add_info(infos, restart_flag(Failure(
                         "load_state_dict", f"not resumed: {o.why}")), i)

@@ -26,7 +26,8 @@ from fastvec.errors import RestartBudgetExceeded, WorkerFailure
 from fastvec.ray.actors import Actors, Slot
 from fastvec.ray.calls import Call, Calls, Outcome
 from fastvec.ray.nested import concat, merge_infos, row
-from fastvec.ray.resume import EpisodeMirror, not_resumed_kind
+from fastvec.ray.resume import EpisodeMirror
+from fastvec.resume import not_resumed_kind
 
 log = logging.getLogger("fastvec.ray")
 

@@ -30,18 +30,6 @@ from fastvec.replay import obs_digest
 from fastvec.resume import STATE_FORMAT
 
 
-def not_resumed_kind(why: str) -> str:
-    """The short name of a reason an episode was not resumed, as a node's ``health()``
-    counts them (``"not_resumed"``)."""
-    for key, kind in (("diverged", "diverged"), ("time budget", "over budget"),
-                      ("max_replay_steps", "too long"), ("raised", "raised"),
-                      ("again", "crash repeated"), ("lost too", "crash repeated"),
-                      ("could not load", "raised")):
-        if key in why:
-            return kind
-    return "nothing to replay"
-
-
 class EpisodeMirror:
     """Every env's episode as the nodes log it: the driver records the actions and results
     it hands out and applies the nodes' notes; ``state(slot)`` exports a lost actor's."""
