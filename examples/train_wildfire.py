@@ -53,7 +53,7 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                pid = self.rng.choice([h["pid"] for h in self.venv.health() if h["pid"]])
+                pid = self.rng.choice([h["pid"] for h in self.venv.health() if h["pid"] and not h["spare"]])
                 os.kill(pid, signal.SIGKILL)
                 self.kills += 1
             except (ProcessLookupError, RuntimeError, ValueError):

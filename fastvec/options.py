@@ -60,6 +60,7 @@ class Options:
     max_replay_steps: int = 10_000
     snapshot_every: int | None = None
     crash_dir: str | None = None
+    spares: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "autoreset_mode", AutoresetMode(self.autoreset_mode))
@@ -102,6 +103,12 @@ class Options:
                 self.envs_per_worker != 1 or self.autoreset_mode != AutoresetMode.NEXT_STEP):
             raise ValueError("batch_size (send/recv) needs envs_per_worker=1 and "
                              "autoreset_mode=NEXT_STEP")
+
+        if not (isinstance(self.spares, int) and self.spares >= 0):
+            raise ValueError(f"spares must be an int >= 0, got {self.spares!r}")
+        if self.spares and self.context == "serial":
+            raise ValueError("spares are worker processes started ahead; context='serial' "
+                             "runs the envs in this process: leave spares=0")
 
         if self.resume not in RESUME:
             raise ValueError(f"resume must be one of {RESUME}, got {self.resume!r}")

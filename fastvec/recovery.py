@@ -168,6 +168,7 @@ class Recovery:
         """
         user_errors: list[UserError] = []
         todo = [(slot, failure, plan, planned or retry) for slot, failure, plan in items]
+        cold: set[int] = set()  # slots that tried a spare: a retry starts a fresh process
         while todo:
             started: list[tuple[Slot, ReplacementPlan]] = []
             retry: list[tuple[Slot, Failure, ReplacementPlan, bool]] = []
@@ -184,7 +185,8 @@ class Recovery:
                 slot.disabled = None
                 pending = tuple(self.derived_seeds(slot)) if plan.when is When.NEXT else None
                 try:
-                    self.sup.start_process(slot, pending)
+                    self.sup.start_process(slot, pending, spare=slot.index not in cold)
+                    cold.add(slot.index)
                 except Exception:  # noqa: BLE001 - fork/ENOMEM/EMFILE: a failed attempt
                     retry.append((slot, slot.failure, plan, False))
                     continue
@@ -197,6 +199,7 @@ class Recovery:
             for slot, failure, plan in self._reset_now(now, user_errors):
                 retry.append((slot, failure, plan, False))
             todo = retry
+        self.sup.fill_spares()  # the adopted spares' successors start in the background
         return user_errors
 
     def _reset_now(self, items: list[tuple[Slot, ReplacementPlan]], user_errors: list):
@@ -229,6 +232,7 @@ class Recovery:
     def before_reset(self, slots: list[Slot]) -> None:
         """A reset of these slots' envs follows: try disabled slots again and recycle the
         workers due (their successors take the reset)."""
+        self.sup.retry_spares()
         disabled = [s for s in slots if s.disabled is not None]
         if disabled:
             self.reenable(disabled)

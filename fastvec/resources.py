@@ -49,6 +49,7 @@ class Resources:
             if isinstance(exc, EnvSpacesError):  # as gymnasium: a RuntimeError
                 raise exc from RemoteTraceback(failure.remote[1])
             raise failure_error(slot, failure, "while starting its envs")
+        sup.fill_spares(now=True)  # after the workers: their builds come first
         return sup
 
     def cleanup(self, timeout: float | None = 0.0, terminate: bool = True) -> None:

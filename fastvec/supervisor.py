@@ -36,6 +36,7 @@ from fastvec.errors import RingError, WaitTimeout
 from fastvec.failures import Failure, describe_exit
 from fastvec.options import Options
 from fastvec.shm import Names, Segment
+from fastvec.spares import Spares
 from fastvec.watchdog import Watchdog
 from fastvec.worker import InProcess, WorkerSpec, worker_main
 
@@ -143,6 +144,8 @@ class Slot:
         lf, proc, ctl = self.last_failure, self.process, self.ctl
         return {
             "worker": self.index,
+            "spare": False,
+            "state": stats.STATES[self.state()],
             "envs": list(self.env_indices),
             "pid": proc.pid if proc is not None else None,
             "alive": bool(proc is not None and proc.exitcode is None),
@@ -203,8 +206,13 @@ class Supervisor:
             ctl = _ring.Ctl(main.mm, w * _ring.CTL_SIZE)
             self.slots.append(Slot(w, tuple(env_indices), [env_fns[i] for i in env_indices],
                                    payload, ctl))
+        # hot spares (fastvec/spares.py): processes started ahead of any failure
+        self.spares = (Spares(ctx=ctx, options=options, env_fns=env_fns,
+                              envs_per_worker=max(len(e) for e in slots_envs),
+                              owner_pid=os.getpid())
+                       if options.spares and not self.serial else None)
         self.watchdog = Watchdog(self.slots, self.lock, options, alarm=self._alarm,
-                                 tend=self._reap_retiring)
+                                 tend=self._tend)
         self.dispatch = Dispatcher(slots=self.slots, options=options, serial=self.serial,
                                    batch=self.batch, done_handle=self.done_handle,
                                    wake=self.done_sem.release, lock=self.lock,
@@ -215,7 +223,25 @@ class Supervisor:
             slot.record_latency()
 
     def health(self) -> list[dict]:
-        return [slot.health() for slot in self.slots]
+        out = [slot.health() for slot in self.slots]
+        return out + self.spares.health() if self.spares is not None else out
+
+    def fill_spares(self, now: bool = False) -> None:
+        """Start the spares that are missing: ``now`` in this thread (after construction,
+        the workers' builds first), else in the background: the watchdog's thread starts
+        them at once, off the path of the step that adopted one."""
+        if self.spares is None or self.closing:
+            return
+        if now:
+            self.spares.fill()
+        else:
+            self.watchdog.poke()
+
+    def retry_spares(self) -> None:
+        """A reset: spares stopped by their failure budget are tried again."""
+        if self.spares is not None:
+            self.spares.retry()
+            self.watchdog.poke()
 
     def _alarm(self) -> None:
         """The watchdog flagged a slot: a sleeping wait returns to look at it (and readers
@@ -226,8 +252,10 @@ class Supervisor:
                 slot.publish()
 
     # -- processes -------------------------------------------------------------------
-    def start_process(self, slot: Slot, pending_seeds: tuple | None = None) -> None:
-        """Re-initialise the slot's control block and semaphore and start a process in it.
+    def start_process(self, slot: Slot, pending_seeds: tuple | None = None,
+                      spare: bool = True) -> None:
+        """Re-initialise the slot's control block and semaphore and start a process in it,
+        or hand the slot to a spare (``spare``: when there is one; fastvec/spares.py).
 
         Returns once the process exists; :meth:`await_ready` waits for its envs. Raises
         whatever starting it raised (fork failing with ENOMEM, no fds left, ...), leaving
@@ -265,9 +293,13 @@ class Supervisor:
                     observation_mode=self.observation_mode, report_starts=opts.resuming,
                     snapshot_every=opts.snapshot_every,
                     parent_death_signal=threading.current_thread() is threading.main_thread())
+                proc = None
+                taken = self.spares.take() if spare and self.spares is not None else None
+                if taken is not None:
+                    proc = self.spares.adopt(taken, spec)
                 if self.serial:
                     proc = InProcess(spec)
-                else:
+                elif proc is None:
                     proc = self.ctx.Process(target=worker_main, args=(spec,),
                                             daemon=opts.daemon,
                                             name=f"fastvec-worker-{slot.index}")
@@ -332,6 +364,16 @@ class Supervisor:
             self.retiring.append((proc, time.monotonic() + self.options.recycle_grace))
         self.watchdog.poke()
 
+    def _tend(self) -> list:
+        """The watchdog's turn on everything that is not a slot: recycled workers still
+        closing, and the spares; returns what its wait should wake on too."""
+        extra = self._reap_retiring()
+        if self.spares is not None:
+            if not self.closing:
+                self.spares.fill()
+            extra += self.spares.tend()
+        return extra
+
     def _reap_retiring(self) -> list:
         """Join recycled workers that exited, SIGKILL those past recycle_grace; returns
         the sentinels of those still closing (the watchdog's thread waits on them too)."""
@@ -378,6 +420,8 @@ class Supervisor:
         """Ask, then terminate, then kill, then join: at most ``timeout`` (default 5 s) for
         the workers to close their envs, then about 1 s more per stage."""
         self.closing = True
+        if self.spares is not None:  # before the watchdog's thread, which started some
+            self.spares.close(None if timeout is None else min(timeout, 1.0))
         self.watchdog.stop()
         live = [s for s in self.slots if s.process is not None and s.process.exitcode is None
                 and not self.serial]

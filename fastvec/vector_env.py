@@ -123,6 +123,9 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
             truncated on a failure, as with ``resume="off"``.
         crash_dir: a directory where each failure leaves a crash bundle per env of the
             failed worker, for ``fastvec replay`` (fastvec/bundles.py); None: none.
+        spares: worker processes kept started (their envs built, when every env comes
+            from one function) that a failed worker's slot adopts at once instead of
+            starting and building a new one (fastvec/spares.py); 0: none.
     """
 
     _kind = "FastVectorEnv"
@@ -165,6 +168,7 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
         max_replay_steps: int = 10_000,
         snapshot_every: int | None = None,
         crash_dir: str | None = None,
+        spares: int = 0,
     ):
         self._state = State.DEFAULT
         self.closed = False
@@ -181,7 +185,7 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
             max_payload_bytes=max_payload_bytes, validate_actions=validate_actions,
             spin_us=spin_us, info_spec=info_spec, batch_size=batch_size, daemon=daemon,
             resume=resume, max_replay_steps=max_replay_steps, snapshot_every=snapshot_every,
-            crash_dir=None if crash_dir is None else os.fspath(crash_dir))
+            crash_dir=None if crash_dir is None else os.fspath(crash_dir), spares=spares)
         opts.check_num_envs(len(env_fns))
 
         self.env_fns = env_fns

@@ -114,9 +114,16 @@ class Worker:
                        else None)
 
     # -- start-up --------------------------------------------------------------
-    def start(self) -> None:
-        """Build the envs, check their spaces, take the pending seeds."""
-        self.envs = [fn() for fn in self.spec.env_fns]
+    def start(self, built: list | None = None) -> None:
+        """Build the envs (a spare brings ``built``, made by the same env function: those
+        are used first, any beyond the slot's envs closed), check their spaces, take the
+        pending seeds."""
+        fns = self.spec.env_fns
+        built = list(built or ())
+        for env in built[len(fns):]:
+            env.close()
+        self.envs = built[:len(fns)]
+        self.envs += [fn() for fn in fns[len(self.envs):]]
         same = self.spec.observation_mode == "same"
         for j, env in enumerate(self.envs):
             i = self.spec.env_indices[j]
@@ -461,6 +468,14 @@ def worker_main(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.parent_death_signal and sys.platform.startswith("linux"):
         _ring.set_parent_death_signal(signal.SIGKILL)
+    run_worker(spec)
+
+
+def run_worker(spec: WorkerSpec, built: list | None = None,
+               build_error: BaseException | None = None) -> None:
+    """Serve the slot ``spec`` names until CLOSE, then exit. A spare that adopts a slot
+    (fastvec/spares.py) passes the envs it built, or the exception building them raised,
+    which is then reported as this start's failure."""
     worker = Worker(spec)
     signal.signal(signal.SIGUSR1, worker.retire)
     worker.ctl.worker_pid = os.getpid()
@@ -468,7 +483,9 @@ def worker_main(spec: WorkerSpec) -> None:
     worker.ctl.start_heartbeat(spec.heartbeat_ms, spec.owner_pid)
     worker.ctl.rss_bytes = _rss_bytes()
     try:
-        worker.start()
+        if build_error is not None:
+            raise build_error
+        worker.start(built)
     except BaseException as exc:
         worker.reply_error(spec.start_seq, exc)
         # A worker that cannot build its envs has nothing to serve: the parent reads the

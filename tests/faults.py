@@ -381,3 +381,31 @@ class SlowReplayEnv(CounterEnv):
         if self.marker and os.path.exists(self.marker):
             time.sleep(self.seconds)
         return super().step(action)
+
+
+class BuildProbe:
+    """env_fn that leaves a file per build, ``build_<pid>_<index>_<random>`` in ``log_dir``
+    (index -1: one function for every env), and, in a spare process only (its name is
+    "fastvec-spare"), does ``spare_fault`` while building: "raise", "sleep" (forever), or
+    "slow-raise" (1 s, then raise): a spare that cannot build, hangs, or fails late."""
+
+    def __init__(self, log_dir: str, index: int = -1, spare_fault: str | None = None):
+        self.log_dir, self.index, self.spare_fault = log_dir, index, spare_fault
+
+    def __call__(self):
+        import multiprocessing
+        if self.spare_fault and multiprocessing.current_process().name == "fastvec-spare":
+            if self.spare_fault == "slow-raise":
+                time.sleep(1.0)
+            if self.spare_fault in ("raise", "slow-raise"):
+                raise OSError(98, "Address already in use (injected: spares cannot build)")
+            do_fault(self.spare_fault)
+        name = f"build_{os.getpid()}_{self.index}_{os.urandom(4).hex()}"
+        open(os.path.join(self.log_dir, name), "x").close()
+        return CounterEnv(index=max(self.index, 0))
+
+
+def builds(log_dir: str) -> list[tuple[int, int]]:
+    """(pid, env index) of every BuildProbe build so far."""
+    return [(int(name.split("_")[1]), int(name.split("_")[2])) for name in os.listdir(log_dir)
+            if name.startswith("build_")]
