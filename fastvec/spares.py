@@ -28,6 +28,7 @@ carries only the adoption, never a step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import signal
@@ -48,13 +49,19 @@ log = logging.getLogger("fastvec")
 _OWNER_CHECK_S = 1.0  # how often a sleeping spare looks whether its owner still lives
 
 
+# What a WorkerSpec says of its slot; the rest is the same for every slot of an env, and
+# a spare has it from its start (SpareSpec.template): the adoption carries only these.
+SLOT_FIELDS = ("worker_index", "env_indices", "payload_name", "req_sem_name", "generation",
+               "start_seq", "pending_seeds")
+
+
 @dataclass
 class SpareSpec:
     """What a spare needs before it knows its slot (pickled under spawn and forkserver)."""
 
     env_fns: list  # every env's function (CloudpickleWrapper), by env index
     build: int  # envs to build ahead from env_fns[0] (0: build at adoption)
-    owner_pid: int
+    template: WorkerSpec  # a worker's spec, but SLOT_FIELDS
     parent_death_signal: bool = True
 
 
@@ -84,27 +91,28 @@ def spare_main(spec: SpareSpec, conn) -> None:
             conn.send(("failed", "".join(traceback.format_exception(exc))))
         except OSError:
             pass
-    worker_spec = None
+    slot = None
     try:
-        while worker_spec is None:
+        while slot is None:
             if conn.poll(_OWNER_CHECK_S):
-                worker_spec = conn.recv()
-                if worker_spec is None:  # closed by the parent
+                slot = conn.recv()
+                if slot is None:  # closed by the parent
                     break
-            elif not _owner_alive(spec.owner_pid):
+            elif not _owner_alive(spec.template.owner_pid):
                 break
     except (EOFError, OSError):
-        worker_spec = None
+        slot = None
     conn.close()
-    if worker_spec is None:
+    if slot is None:
         for env in built:
             try:
                 env.close()
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
         os._exit(0)
-    worker_spec.env_fns = [spec.env_fns[i] for i in worker_spec.env_indices]
-    run_worker(worker_spec, built, error)
+    run_worker(dataclasses.replace(spec.template, **slot,
+                                   env_fns=[spec.env_fns[i] for i in slot["env_indices"]]),
+               built, error)
 
 
 def same_function(env_fns: list) -> bool:
@@ -137,14 +145,14 @@ class Spares:
     or overran ``start_timeout``, and returns what to wait on; ``close()`` ends them all.
     """
 
-    def __init__(self, *, ctx, options: Options, env_fns: list, envs_per_worker: int,
-                 owner_pid: int):
+    def __init__(self, *, ctx, options: Options, env_fns: list, template: WorkerSpec,
+                 envs_per_worker: int):
         self.ctx = ctx
         self.options = options
         self.wanted = options.spares
         self.spec = SpareSpec(env_fns=env_fns,
                               build=envs_per_worker if same_function(env_fns) else 0,
-                              owner_pid=owner_pid)
+                              template=dataclasses.replace(template, env_fns=None))
         self.lock = threading.Lock()
         self.pool: list[Spare] = []
         self.failure_times: collections.deque = collections.deque()
@@ -201,8 +209,9 @@ class Spares:
     def adopt(self, spare: Spare, spec: WorkerSpec):
         """Hand ``spec``'s slot to ``spare``; returns its process, or None when the spare
         is gone (the caller starts a process instead)."""
-        # env_fns stay behind: the spare has them all, and some cannot be pickled
-        message = WorkerSpec(**{**vars(spec), "env_fns": None})
+        # the slot's fields only: the spare has the rest (and every env_fn: some cannot
+        # be pickled)
+        message = {name: getattr(spec, name) for name in SLOT_FIELDS}
         try:
             spare.conn.send(message)
         except (OSError, ValueError) as exc:

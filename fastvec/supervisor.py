@@ -208,8 +208,8 @@ class Supervisor:
                                    payload, ctl))
         # hot spares (fastvec/spares.py): processes started ahead of any failure
         self.spares = (Spares(ctx=ctx, options=options, env_fns=env_fns,
-                              envs_per_worker=max(len(e) for e in slots_envs),
-                              owner_pid=os.getpid())
+                              template=self.worker_spec(self.slots[0], 0),
+                              envs_per_worker=max(len(e) for e in slots_envs))
                        if options.spares and not self.serial else None)
         self.watchdog = Watchdog(self.slots, self.lock, options, alarm=self._alarm,
                                  tend=self._tend)
@@ -252,6 +252,26 @@ class Supervisor:
                 slot.publish()
 
     # -- processes -------------------------------------------------------------------
+    def worker_spec(self, slot: Slot, start_seq: int,
+                    pending_seeds: tuple | None = None) -> WorkerSpec:
+        """What a process started in ``slot`` needs (a spare gets the same, less what it
+        knows already: fastvec/spares.py)."""
+        opts = self.options
+        return WorkerSpec(
+            worker_index=slot.index, env_indices=slot.env_indices,
+            env_fns=slot.env_fns, plan=self.plan, main_name=self.main.name,
+            payload_name=slot.payload.name, req_sem_name=slot.req_sem_name,
+            done_sem_name=self.done_sem_name,
+            autoreset_mode=opts.autoreset_mode.value, owner_pid=os.getpid(),
+            generation=slot.generation, start_seq=start_seq,
+            heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
+            max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
+            # the window; whether to spin at all comes with each request (REQ_NO_SPIN)
+            spin_ns=opts.spin_ns(2), pending_seeds=pending_seeds,
+            observation_mode=self.observation_mode, report_starts=opts.resuming,
+            snapshot_every=opts.snapshot_every,
+            parent_death_signal=threading.current_thread() is threading.main_thread())
+
     def start_process(self, slot: Slot, pending_seeds: tuple | None = None,
                       spare: bool = True) -> None:
         """Re-initialise the slot's control block and semaphore and start a process in it,
@@ -279,20 +299,7 @@ class Supervisor:
                 slot.ctl.init(slot.index, slot.generation, os.getpid(), start_seq - 1)
                 slot.expected = start_seq
                 slot.failure = None
-                spec = WorkerSpec(
-                    worker_index=slot.index, env_indices=slot.env_indices,
-                    env_fns=slot.env_fns, plan=self.plan, main_name=self.main.name,
-                    payload_name=slot.payload.name, req_sem_name=slot.req_sem_name,
-                    done_sem_name=self.done_sem_name,
-                    autoreset_mode=opts.autoreset_mode.value, owner_pid=os.getpid(),
-                    generation=slot.generation, start_seq=start_seq,
-                    heartbeat_ms=max(1, int(opts.heartbeat_interval * 1000)),
-                    max_payload_bytes=opts.max_payload_bytes, single_spaces=self.single_spaces,
-                    # the window; whether to spin at all comes with each request (REQ_NO_SPIN)
-                    spin_ns=opts.spin_ns(2), pending_seeds=pending_seeds,
-                    observation_mode=self.observation_mode, report_starts=opts.resuming,
-                    snapshot_every=opts.snapshot_every,
-                    parent_death_signal=threading.current_thread() is threading.main_thread())
+                spec = self.worker_spec(slot, start_seq, pending_seeds)
                 proc = None
                 taken = self.spares.take() if spare and self.spares is not None else None
                 if taken is not None:

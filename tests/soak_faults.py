@@ -259,7 +259,7 @@ class FaultEvents:
         return {"resumed", "raised"} if m.own else {"resumed"}
 
     def kill(self, i: int, sig=signal.SIGKILL) -> None:
-        os.kill(self.env.health()[i]["pid"], sig)
+        os.kill(self.workers()[i]["pid"], sig)
 
     # -- the five kinds of event ---------------------------------------------------------
     def step_fault(self) -> tuple[str, float]:
@@ -336,7 +336,7 @@ class FaultEvents:
         # A reset with a seed loses nothing; one without replays the episode first, so
         # that its reset draws from the RNG the env had.
         accept = {"resumed"} if seeded and self.resume else self.expect(i, kind)
-        gens = self.generations(self.env.health())
+        gens = self.generations(self.workers())
         recycled = set()
         if kind == "valueerror":
             err = None
@@ -345,7 +345,7 @@ class FaultEvents:
                     self.env.reset(seed=seeds, options={"reset_mask": mask})
                 except ValueError as exc:
                     err = exc
-            recycled = self.recycled(self.env.health())
+            recycled = self.recycled(self.workers())
             self.clock.check("reset", fault, self.exact(bound, bool(recycled)))
             assert type(err) is ValueError and "injected" in str(err), repr(err)
             self.ref.fail_reset(seeds, mask, i)  # the other envs did reset
@@ -353,7 +353,7 @@ class FaultEvents:
             fault, bound = f"the reset again after {fault}", SLACK
         with self.clock.call("reset", fault, self.ceiling(bound)):
             obs, infos = self.env.reset(seed=seeds, options={"reset_mask": mask})
-        health = self.env.health()
+        health = self.workers()
         again = self.recycled(health)
         recycled |= again
         self.clock.check("reset", fault, self.exact(bound, bool(again)))
@@ -389,7 +389,7 @@ class FaultEvents:
         # With resume the call is re-sent after a replay: a fault in its arguments repeats
         repeat = detect_s(inner) + START_TIMEOUT if replaced and not once else 0.0
         accept = self.expect(i, inner) if once or not self.resume else {"crash repeated"}
-        before = self.env.health()[i]
+        before = self.workers()[i]
         got = err = None
         with self.clock.call("call", fault, self.ceiling(bound + repeat)):
             try:
@@ -405,7 +405,7 @@ class FaultEvents:
             self.ref.m[i].own = True
         elif err is None:  # a replacement replayed the episode, the call was re-sent
             assert once and self.resume and got == tuple(range(N_ENVS)), (kind, got)
-            after = self.env.health()[i]
+            after = self.workers()[i]
             if after["resumed"] > before["resumed"]:
                 assert "resumed" in accept, f"env {i} resumed in {fault}; expected {accept}"
                 self.tally("resumed", "call")
@@ -424,7 +424,7 @@ class FaultEvents:
 
     def recycle_fault(self) -> str:
         """A build fault for the worker that its env's next episode end recycles."""
-        episodes = np.array([h["episodes"] for h in self.env.health()])
+        episodes = np.array([h["episodes"] for h in self.workers()])
         candidates = np.flatnonzero(self.free() & (episodes == RECYCLE_EPISODES - 1))
         if not len(candidates):
             return "none"

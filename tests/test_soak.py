@@ -1,5 +1,6 @@
 """Long fault-injection soak: ``pytest -m soak`` (FASTVEC_SOAK_SECONDS sets the duration:
-two fifths each to fork and spawn with resume on, the last fifth to fork with resume off).
+three tenths each to fork and spawn with resume on, a fifth to fork with one hot spare, and
+a fifth to fork with resume off).
 
 Random real faults hit random envs in every phase of a worker's life (tests/soak_faults.py):
 
@@ -157,6 +158,10 @@ class Soak(FaultEvents):
                      restarted_at_episode_end={}, slow_untouched=0, out_of_play=0)
 
     # -- bookkeeping --------------------------------------------------------------------
+    def workers(self) -> list[dict]:
+        """``health()`` of the workers, in env order (spares, listed after them, left out)."""
+        return [h for h in self.env.health() if not h["spare"]]
+
     def count(self, phase: str, kind: str) -> None:
         by_kind = self.stats["faults"].setdefault(phase, {})
         by_kind[kind] = by_kind.get(kind, 0) + 1
@@ -211,7 +216,7 @@ class Soak(FaultEvents):
 
     def check_restarts(self, fault: str) -> None:
         self.check_due = False
-        restarts = np.array([h["restarts"] for h in self.env.health()])
+        restarts = np.array([h["restarts"] for h in self.workers()])
         assert np.array_equal(restarts, self.expected), \
             f"restarts {restarts.tolist()} != {self.expected.tolist()} planted; after {fault}"
 
@@ -230,7 +235,7 @@ class Soak(FaultEvents):
         _, _, term, trunc, info = result
         health, recycled, gens = None, set(), {}
         if (term | trunc).any() or "_worker_restarted" in info or "_env_disabled" in info:
-            health = self.env.health()
+            health = self.workers()
             recycled = self.recycled(health)
             gens = self.generations(health)
         self.clock.check("step", fault, self.exact(bound, bool(recycled)))
@@ -302,11 +307,13 @@ def run_soak(env: FastVectorEnv, soak: Soak, seconds: float, rng) -> None:
     stats["rss_growth_mb"] = (me.memory_info().rss - rss_base) / 2**20 if rss_base else 0.0
 
 
-@pytest.mark.parametrize("context,resume,share", [
-    pytest.param("fork", "auto", 0.4, id="fork"),
-    pytest.param("spawn", "auto", 0.4, id="spawn"),
-    pytest.param("fork", "off", 0.2, id="fork-resume-off")])  # the truncation path
-def test_soak(tmp_path, capsys, context, resume, share):
+@pytest.mark.parametrize("context,resume,share,spares", [
+    pytest.param("fork", "auto", 0.3, 0, id="fork"),
+    pytest.param("spawn", "auto", 0.3, 0, id="spawn"),
+    # hot spares: replacements and recycled workers adopt them, faults in their builds too
+    pytest.param("fork", "auto", 0.2, 1, id="fork-spares"),
+    pytest.param("fork", "off", 0.2, 0, id="fork-resume-off")])  # the truncation path
+def test_soak(tmp_path, capsys, context, resume, share, spares):
     assert STEP_TIMEOUT < float(TOLERATED[1][5:]) < START_TIMEOUT - 2  # a slow build, legal
     assert PACE * 25 > STEP_TIMEOUT + 2 * SLOWEST * 25 + 1  # a paced replay overruns
     seconds = float(os.environ.get("FASTVEC_SOAK_SECONDS", "60")) * share
@@ -316,14 +323,14 @@ def test_soak(tmp_path, capsys, context, resume, share):
     FastVectorEnv([CounterEnv], context=context).close()  # multiprocessing's one-time helpers
     fds0 = open_fds()
     clock = Clock()
-    stats = {"context": context, "resume": resume, "seconds": seconds}
+    stats = {"context": context, "resume": resume, "seconds": seconds, "spares": spares}
     t0 = time.monotonic()
     with clock.call("construct", "none", START_TIMEOUT + SLACK):
         env = FastVectorEnv(fns, context=context, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                             step_timeout=STEP_TIMEOUT, start_timeout=START_TIMEOUT,
                             max_restarts=10**6, restart_window=1.0,
                             recycle_after_episodes=RECYCLE_EPISODES, resume=resume,
-                            max_replay_steps=MAX_REPLAY_STEPS)
+                            max_replay_steps=MAX_REPLAY_STEPS, spares=spares)
     clock.check("construct", "none", START_TIMEOUT + SLACK)
     soak = Soak(env, command_dir, rng, clock, stats, resume=resume != "off")
     try:
@@ -342,7 +349,8 @@ def test_soak(tmp_path, capsys, context, resume, share):
             for k, v in h["not_resumed"].items():
                 stats["health_not_resumed"][k] = stats["health_not_resumed"].get(k, 0) + v
         assert stats["recycles"] >= stats["steps"] // 200, stats  # recycling went on
-        assert wait_until(lambda: len(worker_children()) == N_ENVS, 5.0)  # retired ones gone
+        # retired ones gone, the spares there
+        assert wait_until(lambda: len(worker_children()) == N_ENVS + spares, 10.0)
         assert stats["rss_growth_mb"] < 50, stats
         if not soak.resume:
             assert not stats["resumed"] and not stats["health_resumed"], stats
@@ -372,7 +380,9 @@ def summary(stats: dict) -> str:
 
     faults = sum(sum(kinds.values()) for kinds in stats["faults"].values())
     ended = stats["restarted_at_episode_end"]
-    return (f"soak {stats['context']} resume={stats['resume']} ({stats.get('test', 'soak')}): "
+    spares = f" spares={stats['spares']}" if stats.get("spares") else ""
+    return (f"soak {stats['context']} resume={stats['resume']}{spares} "
+            f"({stats.get('test', 'soak')}): "
             f"{stats['seconds']:.0f} s, {stats['steps']} steps, {faults} faults, "
             f"{sum(stats['resumed'].values())} resumed ({listed(stats['resumed'])}), "
             f"{sum(stats['truncated'].values())} truncated ({listed(stats['truncated'])}), "
