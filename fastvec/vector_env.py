@@ -492,6 +492,8 @@ class FastVectorEnv(Checkpoints, FirstReadyCalls, VectorContract, VectorEnv):
             return wait(*args)
         finally:
             self._waiting -= 1
+            if self._sup is not None:
+                self._sup.call_returned()  # spares adopted in the call: start successors
 
     def _is_open(self) -> bool:  # the misuse checks are fastvec/contract.py's
         return not self.closed and self._resources is not None
