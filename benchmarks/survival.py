@@ -28,6 +28,14 @@ steps a resume replays) and the recovery time: from the fault (env 0 appends
 ``time.monotonic()`` to a stamp file just before it faults) to the return of the step
 that reports it; medians and p90 over the faults, resume off next to resume on ("auto").
 
+Hot spares (``spares=1``) build their envs ahead only when every env comes from one
+function, which env 0's faulting wrapper breaks; so the spare pair runs apart: every env
+is the plain workload, and the benchmark sends env 0's worker the fault from outside
+(SIGKILL, or SIGSEGV for a segfault) every ``Case.outside_every_s`` seconds, longer than
+a spare's build, stamping the time first. Resume on without a spare next to resume on
+with one, same schedule; the table adds the median step without a fault and the target
+of a spare: (2 + steps replayed) x that step.
+
 Nothing here can hang the benchmark: each attempt runs in its own process, every wait has
 a deadline (``step_wait(timeout=...)``, ``close(terminate=True)`` in a thread with a
 timeout), and the parent kills the attempt's whole process tree if it does not report in
@@ -46,6 +54,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -82,8 +91,16 @@ CONTENDERS = {
     "async_shm": "gym Async shm",
     "fast_off": "fastvec k=1 resume=off",
     "fast_on": f"fastvec k=1 resume={RESUME_ON}",
+    # hot spares: faults from outside (every env from one function, so spares build ahead)
+    "out_on": f"fastvec k=1 resume={RESUME_ON}, fault from outside",
+    "out_spare": f"fastvec k=1 resume={RESUME_ON} spares=1, fault from outside",
 }
-RESUME = {"fast_off": "off", "fast_on": RESUME_ON}
+RESUME = {"fast_off": "off", "fast_on": RESUME_ON, "out_on": RESUME_ON,
+          "out_spare": RESUME_ON}
+SPARES = {"out_spare": 1}
+# Faults a test can send a worker from outside (a signal to its pid): the spare pair runs
+# these only. A segfault from outside is SIGSEGV, as the kernel sends it.
+OUTSIDE = {"sigkill": signal.SIGKILL, "segfault": signal.SIGSEGV}
 QUICK_KINDS = ("segfault", "sigkill")
 ASYNC_STEP_WAIT_S = 2.0  # our deadline on one AsyncVectorEnv step: past it, it hangs
 FAST_STEP_WAIT_S = 20.0  # FastVectorEnv's own bounds end every step well before this
@@ -99,6 +116,9 @@ class Case:
     period: int  # env 0's steps between faults
     budget_s: float
     quick_budget_s: float
+    # the spare pair: seconds between faults sent from outside, more than a spare's build
+    # (else the comparison would be of a spare still building)
+    outside_every_s: float = 0.5
 
     def workload(self) -> workloads.Workload:
         if self.key == "noop":
@@ -123,8 +143,8 @@ class Case:
 # The slow cases pay 1.5 s or more per fault, or ~10 ms a vector step, and get longer
 # budgets.
 CASES = {c.key: c for c in (Case("noop", 500, 3.0, 1.5), Case("cartpole", 500, 3.0, 1.5),
-                            Case("slow_build", 500, 10.0, 5.0),
-                            Case("wildfire", 137, 12.0, 6.0))}
+                            Case("slow_build", 500, 10.0, 5.0, 2.5),
+                            Case("wildfire", 137, 12.0, 6.0, 1.5))}
 
 
 def _build(key: str, env_fns: list):
@@ -132,7 +152,8 @@ def _build(key: str, env_fns: list):
         return gym.vector.AsyncVectorEnv(env_fns, shared_memory=True)
     if key in RESUME:
         return FastVectorEnv(env_fns, envs_per_worker=1, max_restarts=1_000_000,
-                             step_timeout=FAST_STEP_TIMEOUT_S, resume=RESUME[key])
+                             step_timeout=FAST_STEP_TIMEOUT_S, resume=RESUME[key],
+                             spares=SPARES.get(key, 0))
     raise ValueError(key)
 
 
@@ -146,12 +167,14 @@ def _attempt(case_key: str, key: str, kind: str, period: int, num_envs: int,
     """One attempt, in the process that calls it (a fresh child of the benchmark)."""
     base = CASES[case_key].workload()
     bad = workloads.faulty(base, kind, period, stamp=stamp)  # safe_pid: this process never faults
-    env_fns = [bad.env_fn()] + base.env_fns(num_envs - 1)
+    outside = key.startswith("out_")
+    env_fns = base.env_fns(num_envs) if outside else [bad.env_fn()] + base.env_fns(num_envs - 1)
+    every_s = CASES[case_key].outside_every_s
     res = {"case": case_key, "contender": key, "fault": kind, "period": period,
            "num_envs": num_envs, "budget_s": budget_s, "workload": bad.describe(),
            "steps": 0, "faults": 0, "restarts": 0, "restart_infos": 0, "episodes_lost": 0,
            "episodes_resumed": 0, "episodes_ended": 0, "events": [], "error": None,
-           "survived": False}
+           "survived": False, "outside_every_s": every_s if outside else None}
     try:
         env = _build(key, env_fns)
     except Exception as exc:  # noqa: BLE001
@@ -161,13 +184,20 @@ def _attempt(case_key: str, key: str, kind: str, period: int, num_envs: int,
     _, batches = action_batches(env.single_action_space, n, 64)
     wait_s = ASYNC_STEP_WAIT_S if key == "async_shm" else FAST_STEP_WAIT_S
     ep_len = np.zeros(n, np.int64)  # steps of each env's current episode so far
+    quiet = []  # durations of the steps that met no fault
     resetting = np.zeros(n, bool)  # NEXT_STEP: this env's next step is its reset step
     clock = time.monotonic
     t0 = clock()
     try:
         env.reset(seed=0)
         t0 = clock()
+        next_fault = t0 + every_s
         while clock() - t0 < budget_s:
+            if outside and clock() >= next_fault:  # env 0's worker, now: the stamp, the signal
+                pid = env.health()[0]["pid"]
+                workloads.write_stamp(stamp)
+                os.kill(pid, OUTSIDE[kind])
+                next_fault = clock() + every_s
             sent = clock()
             env.step_async(batches[res["steps"] % len(batches)])
             try:
@@ -188,7 +218,8 @@ def _attempt(case_key: str, key: str, kind: str, period: int, num_envs: int,
                 res["faults"] += 1
                 # the first fault in this step (a crash that repeats in the replacement
                 # adds a second one)
-                at = [s for s in workloads.read_stamps(stamp) if sent <= s <= back]
+                at = [s for s in workloads.read_stamps(stamp)
+                      if (sent - (every_s if outside else 0)) <= s <= back]
                 since = back - at[0] if at else None
                 reasons = infos.get("worker_restart_reason")
                 for i in np.flatnonzero(hit):
@@ -199,6 +230,8 @@ def _attempt(case_key: str, key: str, kind: str, period: int, num_envs: int,
                         "since_fault_s": since, "step_s": back - sent,
                         "reason": str(reasons[i]) if restarted[i] and reasons is not None
                         else None})
+            else:
+                quiet.append(back - sent)
             res["restart_infos"] += int(restarted.sum())
             lost = restarted & trunc
             res["episodes_lost"] += int(lost.sum())
@@ -211,6 +244,7 @@ def _attempt(case_key: str, key: str, kind: str, period: int, num_envs: int,
     except BaseException as exc:  # noqa: BLE001 - what the vectorizer raised is the result
         res["error"] = exc_text(exc).splitlines()[0][:300]
     res["elapsed_s"] = clock() - t0
+    res["step_s_median"] = float(np.median(quiet)) if quiet else None
     if isinstance(env, FastVectorEnv):
         try:
             health = env.health()
@@ -348,8 +382,13 @@ def plan(case_keys, kinds) -> tuple[list[str], list[dict]]:
     return chosen, skipped
 
 
+def contenders(kind: str) -> list[str]:
+    """The contenders of a fault kind: the spare pair only where a signal sends it."""
+    return [k for k in CONTENDERS if not k.startswith("out_") or kind in OUTSIDE]
+
+
 def attempts(case_keys, kinds) -> int:
-    return len(case_keys) * len(kinds) * len(CONTENDERS)
+    return len(case_keys) * sum(len(contenders(k)) for k in kinds)
 
 
 def run(kinds, budget_s: float | None, period: int | None, num_envs: int,
@@ -362,7 +401,7 @@ def run(kinds, budget_s: float | None, period: int | None, num_envs: int,
         case = CASES[case_key]
         budget = budget_s or (case.quick_budget_s if quick else case.budget_s)
         for kind in kinds:
-            for key in CONTENDERS:
+            for key in contenders(kind):
                 res = run_attempt(case_key, key, kind, period or case.period, num_envs,
                                   budget, log_dir)
                 out.append(res)
@@ -458,7 +497,44 @@ def report(results: list[dict]) -> str:
         whys = sorted({w for p in pairs for w in p["on"].get("not_resumed_reasons", [])})
         for w in whys[:5]:
             out.append(f"  not resumed: {w[:200]}")
+    spares = spare_pairs(results)
+    if spares:
+        out += ["", f"recovery with a hot spare, ms, median / p90: a fault sent from outside to "
+                f"env 0's worker (every env from one function, resume={RESUME_ON}); bound = "
+                "(2 + steps replayed) x the median step without a fault"]
+        rows = [[p["case"], p["fault"], f"{p['faults'][0]} / {p['faults'][1]}",
+                 _ms(p["without"].get("recovery_s")), _ms(p["with"].get("recovery_s")),
+                 "-" if p["with_over_without"] is None else f"{p['with_over_without']:.3f}x",
+                 "-" if p["step_ms"] is None else f"{p['step_ms']:.2f}",
+                 "-" if p["bound_ms"] is None else f"{p['bound_ms']:.1f}",
+                 {True: "yes", False: "NO", None: "-"}[p["within_bound"]]]
+                for p in spares]
+        out.append(table(["workload", "fault", "faults", "no spare", "spares=1",
+                          "spare/none", "step ms", "bound ms", "within"], rows))
     return "\n".join(out)
+
+
+def spare_pairs(results: list[dict]) -> list[dict]:
+    """(case, fault) -> recovery from a fault sent from outside, without and with a spare;
+    the ratio of medians, and the bound of the issue: two step times plus the replay."""
+    out = []
+    by = {(r.get("case", "noop"), r["fault"], r["contender"]): r for r in results}
+    for (case, fault, key), without in by.items():
+        spare = by.get((case, fault, "out_spare"))
+        if key != "out_on" or spare is None:
+            continue
+        a, b = without.get("recovery_s"), spare.get("recovery_s")
+        step = spare.get("step_s_median")
+        ln = spare.get("episode_len_at_fault")
+        bound = (2 + ln["median"]) * step if step and ln else None
+        out.append({"case": case, "fault": fault, "without": without, "with": spare,
+                    "faults": (without.get("faults"), spare.get("faults")),
+                    "with_over_without": b["median"] / a["median"] if a and b and a["median"]
+                    else None,
+                    "step_ms": None if step is None else 1e3 * step,
+                    "bound_ms": None if bound is None else 1e3 * bound,
+                    "within_bound": None if bound is None or not b else b["median"] <= bound})
+    return out
 
 
 def resume_pairs(results: list[dict]) -> list[dict]:
@@ -519,6 +595,12 @@ def main(argv=None) -> int:
                         "off": {k: p["off"].get(k) for k in PAIR_FIELDS},
                         "on": {k: p["on"].get(k) for k in PAIR_FIELDS}}
                        for p in resume_pairs(results)],
+            "spares": [{"case": p["case"], "fault": p["fault"],
+                        "with_over_without": p["with_over_without"], "step_ms": p["step_ms"],
+                        "bound_ms": p["bound_ms"], "within_bound": p["within_bound"],
+                        "without": {k: p["without"].get(k) for k in PAIR_FIELDS},
+                        "with": {k: p["with"].get(k) for k in PAIR_FIELDS}}
+                       for p in spare_pairs(results)],
             "leftovers": leftover_report(), "runtime_s": time.monotonic() - t0}
     out = os.path.join(args.out, "survival.json")
     write_json(Path(out), data)
