@@ -241,7 +241,8 @@ def health_metrics(health: list[dict]) -> dict[str, float]:
     """``FastVectorEnv.health()`` as flat numbers for a training logger (TensorBoard, W&B,
     CSV; fastvec.sb3.HealthCallback writes them under ``fastvec/``): ``restarts`` and
     ``restarts_<reason>``, ``resumed_episodes``, ``not_resumed_episodes``,
-    ``disabled_envs`` and ``step_latency_p99_ms`` (the slowest worker's, when measured)."""
+    ``disabled_envs``, ``step_latency_p99_ms`` (the slowest worker's, when measured) and,
+    with hot spares, ``spares_ready`` and ``spares_building``."""
     reasons: Counter = Counter()
     not_resumed = 0
     for h in health:
@@ -255,4 +256,8 @@ def health_metrics(health: list[dict]) -> dict[str, float]:
     p99 = [h["step_latency_ms"]["p99"] for h in health if h["step_latency_ms"]]
     if p99:
         out["step_latency_p99_ms"] = max(p99)
+    spares = [h["state"] for h in health if h.get("spare")]
+    if spares:
+        out["spares_ready"] = spares.count("ready")
+        out["spares_building"] = spares.count("building")
     return out

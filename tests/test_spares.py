@@ -22,6 +22,7 @@ from gymnasium.vector import SyncVectorEnv
 from conftest import process_gone, wait_until
 from faults import BuildProbe, CounterEnv, builds
 from fastvec import FastVectorEnv
+from fastvec.stats import health_metrics
 from test_equivalence import assert_same
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,6 +74,8 @@ def test_a_killed_worker_adopts_a_spare_that_built_its_envs(context, tmp_path):
         fast.reset(seed=[0, 1])
         spare = ready_spare(fast)
         assert spare["built_envs"] == 1 and spare["worker"] is None and spare["envs"] == []
+        metrics = health_metrics(fast.health())
+        assert metrics["spares_ready"] == 1 and metrics["restarts"] == 0
         built_before = builds(str(tmp_path))
         assert (spare["pid"], -1) in built_before  # built ahead, before any fault
 
