@@ -247,3 +247,26 @@ def test_spares_are_checked(bad, match):
 def test_spares_need_processes():
     with pytest.raises(ValueError, match="context='serial'"):
         FastVectorEnv([CounterEnv], spares=1, context="serial")
+
+
+def test_a_recycled_worker_hands_its_slot_to_a_spare(tmp_path):
+    """Planned recycling (recycle_after_episodes) adopts the spare too: the old worker
+    closes its envs while the spare, envs built, takes the slot (the recycled env's next
+    episode starts from its derived seed, as without spares)."""
+    fast = FastVectorEnv([BuildProbe(str(tmp_path))] * 2, spares=1, recycle_after_episodes=1)
+    try:
+        fast.reset(seed=0)
+        spare = ready_spare(fast)["pid"]
+        adopted_by = None
+        for _ in range(70):
+            _, _, _, _, infos = fast.step(np.zeros(2, np.int64))
+            assert "worker_restarted" not in infos and "worker_resumed" not in infos
+            workers = [h for h in fast.health() if not h["spare"]]
+            if adopted_by is None and any(h["recycles"] for h in workers):
+                adopted_by = [h["worker"] for h in workers if h["pid"] == spare]
+                assert adopted_by, (spare, workers)  # the first recycling adopted the spare
+        assert sum(h["recycles"] for h in workers) >= 2
+        assert sum(h["restarts"] for h in workers) == 0
+        assert builds(str(tmp_path)).count((spare, -1)) == 1  # built once, ahead
+    finally:
+        fast.close()
