@@ -270,3 +270,22 @@ def test_a_recycled_worker_hands_its_slot_to_a_spare(tmp_path):
         assert builds(str(tmp_path)).count((spare, -1)) == 1  # built once, ahead
     finally:
         fast.close()
+
+
+def test_without_resume_the_adopting_spare_starts_a_fresh_episode(tmp_path):
+    """resume="off": the lost env's episode ends truncated and flagged, as without spares;
+    the spare that took the slot resets it with the derived seed at the next step."""
+    fast = FastVectorEnv([BuildProbe(str(tmp_path))] * 2, spares=1, resume="off")
+    try:
+        fast.reset(seed=[3, 4])
+        spare = ready_spare(fast)["pid"]
+        fast.step(np.zeros(2, np.int64))
+        os.kill(fast.health()[0]["pid"], signal.SIGKILL)
+        obs, reward, _, truncated, infos = fast.step(np.zeros(2, np.int64))
+        assert infos["_worker_restarted"].tolist() == [True, False]
+        assert truncated.tolist() == [True, False] and reward[0] == 0.0
+        assert fast.health()[0]["pid"] == spare
+        obs, _, _, _, _ = fast.step(np.zeros(2, np.int64))
+        assert obs[0][1] == 0.0  # the fresh episode's first observation (t = 0)
+    finally:
+        fast.close()
