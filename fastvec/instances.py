@@ -84,6 +84,10 @@ class Instance:
                 continue
         return out
 
+    def spares(self) -> tuple[int, int]:
+        """(wanted, ready) hot spares now."""
+        return stats.read_spares(self.mm)
+
     def command(self) -> str | None:
         """The owner's command line, where this process can see it."""
         try:

@@ -146,7 +146,7 @@ class Spares:
     """
 
     def __init__(self, *, ctx, options: Options, env_fns: list, template: WorkerSpec,
-                 envs_per_worker: int):
+                 envs_per_worker: int, publish=None):
         self.ctx = ctx
         self.options = options
         self.wanted = options.spares
@@ -159,6 +159,9 @@ class Spares:
         self.off: str | None = None  # why no new spare starts (the budget ran out)
         self.started = self.adopted = self.failed = 0
         self.closed = False
+        # called with (wanted, ready) as the pool turns: the stats header (fastvec top)
+        self.publish = publish or (lambda wanted, ready: None)
+        self._published: tuple | None = None
 
     @property
     def builds_ahead(self) -> bool:
@@ -204,6 +207,7 @@ class Spares:
             ready = [s for s in self.pool if s.state == "ready"]
             spare = (ready or self.pool)[0]
             self.pool.remove(spare)
+            self._publish()
             return spare
 
     def adopt(self, spare: Spare, spec: WorkerSpec):
@@ -258,6 +262,14 @@ class Spares:
                 self.pool.remove(spare)
                 self._end(spare)
                 self._failed(f"spare process {spare.pid} {problem}")
+        self._publish()
+
+    def _publish(self) -> None:
+        now = (0 if self.closed else self.wanted,
+               sum(s.state == "ready" for s in self.pool))
+        if now != self._published:
+            self._published = now
+            self.publish(*now)
 
     def _failed(self, detail: str) -> None:
         now = time.monotonic()
@@ -299,6 +311,7 @@ class Spares:
         with self.lock:
             self.closed = True
             pool, self.pool = self.pool, []
+            self._publish()
         for spare in pool:
             try:
                 spare.conn.send(None)

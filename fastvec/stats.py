@@ -28,7 +28,8 @@ Stats header (little endian, the segment's last HEADER_SIZE bytes, magic written
      32    8 owner_pid
      40    8 created_ns       CLOCK_REALTIME
      48    8 segment_size     the whole segment (the header's own end)
-     56    8 (reserved)
+     56    4 spares_wanted    hot spares asked for (spares=n); 0 without
+     60    4 spares_ready     spares built and waiting now (rewritten as they change)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ MAGIC = b"FVST"
 VERSION = _ring.VERSION
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<4sIIIIIIIqQQ8x")
+_SPARES = struct.Struct("<II")  # at the header's offset 56: spares wanted, ready
+_SPARES_AT = 56
 
 STATES = {_ring.STATE_NONE: "new", _ring.STATE_STARTING: "starting",
           _ring.STATE_SERVING: "serving", _ring.STATE_REPLACING: "replacing",
@@ -87,6 +90,17 @@ def write_header(buf, *, num_workers: int, num_envs: int, envs_per_worker: int,
                       num_workers, num_envs, envs_per_worker, _ring.HIST_BUCKETS, owner_pid,
                       time.time_ns(), size)
     buf[offset:offset + 4] = MAGIC
+
+
+def publish_spares(buf, wanted: int, ready: int) -> None:
+    """The spares wanted and ready now, for readers outside the job (the pool's turns
+    only: a spare ready, adopted or lost). Two aligned 32-bit stores."""
+    _SPARES.pack_into(buf, len(buf) - HEADER_SIZE + _SPARES_AT, wanted, ready)
+
+
+def read_spares(buf) -> tuple[int, int]:
+    """(wanted, ready) as last published; (0, 0) for an instance without spares."""
+    return _SPARES.unpack_from(buf, len(buf) - HEADER_SIZE + _SPARES_AT)
 
 
 def read_header(buf) -> Header | None:
@@ -232,7 +246,7 @@ def hist_delta(new, old) -> tuple:
     return tuple(a - b for a, b in zip(new, old))
 
 
-__all__ = ["HEADER_SIZE", "MAGIC", "REASONS", "REASON_CODES", "STATES", "VERSION", "Header",
+__all__ = ["publish_spares", "read_spares", "HEADER_SIZE", "MAGIC", "REASONS", "REASON_CODES", "STATES", "VERSION", "Header",
            "WorkerStats", "hist_delta", "percentile", "publish_slot", "read_header",
            "read_worker", "worker_stats", "write_header"]
 

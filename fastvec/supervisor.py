@@ -211,7 +211,8 @@ class Supervisor:
         # hot spares (fastvec/spares.py): processes started ahead of any failure
         self.spares = (Spares(ctx=ctx, options=options, env_fns=env_fns,
                               template=self.worker_spec(self.slots[0], 0),
-                              envs_per_worker=max(len(e) for e in slots_envs))
+                              envs_per_worker=max(len(e) for e in slots_envs),
+                              publish=self._publish_spares)
                        if options.spares and not self.serial else None)
         self.watchdog = Watchdog(self.slots, self.lock, options, alarm=self._alarm,
                                  tend=self._tend)
@@ -381,6 +382,12 @@ class Supervisor:
                 pass
             self.retiring.append((proc, time.monotonic() + self.options.recycle_grace))
         self.watchdog.poke()
+
+    def _publish_spares(self, wanted: int, ready: int) -> None:
+        try:
+            stats.publish_spares(self.main.mm, wanted, ready)
+        except (ValueError, TypeError):  # the segment is closed: the env is
+            pass
 
     def _tend(self) -> list:
         """The watchdog's turn on everything that is not a slot: recycled workers still

@@ -102,10 +102,12 @@ def _ms(seconds: float | None) -> float | None:
 
 def _instance(inst: Instance, rows: list) -> dict:
     h = inst.header
+    wanted, ready = inst.spares()
     return {"instance": inst.name, "owner_pid": h.owner_pid, "command": inst.command(),
             "created": h.created_ns / 1e9, "num_workers": h.num_workers,
             "num_envs": h.num_envs, "envs_per_worker": h.envs_per_worker,
-            "layout_version": h.version, "workers": rows}
+            "layout_version": h.version, "spares_wanted": wanted, "spares_ready": ready,
+            "workers": rows}
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -165,6 +167,8 @@ def render(report: dict):
     for inst in report["instances"]:
         title = (f"{inst['instance']}  pid {inst['owner_pid']}  {inst['num_envs']} envs on "
                  f"{inst['num_workers']} workers  up {_dur(now - inst['created'])}")
+        if inst["spares_wanted"]:
+            title += f"  spares {inst['spares_ready']}/{inst['spares_wanted']} ready"
         notes = [inst["command"] or ""]
         table = Table(title=title, title_justify="left", caption_justify="left",
                       box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)

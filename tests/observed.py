@@ -3,7 +3,7 @@ the tests of ``fastvec top`` and ``fastvec export`` (no mocks: the job's own sha
 
 Run as a script, this file is the job::
 
-    python observed.py STOP_FILE [NUM_ENVS ENVS_PER_WORKER]
+    python observed.py STOP_FILE [NUM_ENVS ENVS_PER_WORKER [SPARES]]
 
 It builds a FastVectorEnv of CartPole envs and steps it (about 1 ms apart) until STOP_FILE
 exists or 120 s pass, then closes it. It prints one JSON line per event: ``ready`` (the
@@ -36,14 +36,20 @@ def job_main(argv: list[str]) -> None:
 
     stop = argv[0]
     num_envs, k = (int(argv[1]), int(argv[2])) if len(argv) > 2 else (4, 2)
+    spares = int(argv[3]) if len(argv) > 3 else 0
 
     def say(event: str, **fields) -> None:
         print(json.dumps({"event": event, "time": time.time(), **fields}), flush=True)
 
-    env = FastVectorEnv([lambda: gym.make("CartPole-v1")] * num_envs, envs_per_worker=k)
+    env = FastVectorEnv([lambda: gym.make("CartPole-v1")] * num_envs, envs_per_worker=k,
+                        spares=spares)
+
+    def pids() -> list:
+        return [h["pid"] for h in env.health() if not h["spare"]]
+
     try:
         env.reset(seed=0)
-        say("ready", pids=[h["pid"] for h in env.health()])
+        say("ready", pids=pids())
         deadline = time.monotonic() + MAX_SECONDS
         while not os.path.exists(stop) and time.monotonic() < deadline:
             for _ in range(20):
@@ -52,7 +58,7 @@ def job_main(argv: list[str]) -> None:
                     none = np.zeros(env.num_envs, bool)
                     envs = np.flatnonzero(infos.get("_worker_restarted", none)
                                           | infos.get("_worker_resumed", none)).tolist()
-                    say("restarted", envs=envs, pids=[h["pid"] for h in env.health()])
+                    say("restarted", envs=envs, pids=pids())
                 time.sleep(0.001)
     finally:
         env.close()
@@ -62,13 +68,13 @@ def job_main(argv: list[str]) -> None:
 class Job:
     """The job above in a subprocess; its events are read by a thread."""
 
-    def __init__(self, tmp_path, num_envs: int = 4, envs_per_worker: int = 2):
+    def __init__(self, tmp_path, num_envs: int = 4, envs_per_worker: int = 2, spares: int = 0):
         self.stop_file = str(tmp_path / "stop")
         self.events: queue.Queue = queue.Queue()
         # From tmp_path, so that the installed fastvec is imported, not the source tree.
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "observed.py"), self.stop_file,
-             str(num_envs), str(envs_per_worker)],
+             str(num_envs), str(envs_per_worker), str(spares)],
             cwd=tmp_path, stdout=subprocess.PIPE, text=True)
         self.prefix = f"fv{self.proc.pid}_"
         threading.Thread(target=self._read, daemon=True).start()

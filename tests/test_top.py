@@ -70,6 +70,29 @@ def test_top_follows_a_job_through_a_worker_restart_to_its_exit(job, tmp_path):
     assert not job.leftovers()
 
 
+def test_top_shows_the_spares_of_a_job(tmp_path):
+    """A job with spares=1: top says whether the spare is ready, and that it is ready
+    again (another one) after a worker's slot adopted it."""
+    job = Job(tmp_path, spares=1)
+    try:
+        ready = job.wait_for("ready")
+        assert wait_until(lambda: instance_of(top_once(cwd=tmp_path), job)["spares_ready"] == 1,
+                          30)
+        inst = instance_of(top_once(cwd=tmp_path), job)
+        assert inst["spares_wanted"] == 1 and len(inst["workers"]) == 2
+        os.kill(ready["pids"][1], signal.SIGKILL)
+        job.wait_for("restarted", timeout=30)
+        assert wait_until(lambda: instance_of(top_once(cwd=tmp_path), job)["spares_ready"] == 1,
+                          30)
+        done = fastvec("top", "--once", "--window", "0.2", cwd=tmp_path)
+        assert "spares 1/1 ready" in done.stdout, done.stdout
+        job.finish()
+        assert wait_until(lambda: process_gone(job.proc.pid), 10)
+        assert not job.leftovers()
+    finally:
+        job.kill()
+
+
 def test_the_table_view_shows_the_job(job, tmp_path):
     job.wait_for("ready")
     done = fastvec("top", "--once", "--window", "0.2", cwd=tmp_path)
