@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -51,3 +52,18 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode == _ring.EXIT_ORPHANED:
         return "exited: its parent disappeared"
     return f"exited with code {exitcode}"
+
+
+def sigkill(proc, wait: float = 5.0) -> bool:
+    """SIGKILL a multiprocessing Process (unless it exited) and reap it within ``wait``
+    seconds; False when it is still there (uninterruptible sleep): the caller keeps it."""
+    if proc.exitcode is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.join(wait)
+    if proc.exitcode is None:
+        return False
+    proc.close()
+    return True

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import cloudpickle
 
 from fastvec import _ring
+from fastvec.failures import sigkill
 from fastvec.options import Options
 from fastvec.worker import WorkerSpec, run_worker
 
@@ -291,14 +292,8 @@ class Spares:
         proc = spare.process
         if grace and proc.exitcode is None:
             proc.join(grace)
-        if proc.exitcode is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.join(5.0)
-        if proc.exitcode is not None:
-            proc.close()
+        if not sigkill(proc):
+            log.error("spare process %d survived SIGKILL for 5 s", spare.pid)
         try:
             spare.conn.close()
         except OSError:

@@ -33,7 +33,7 @@ import posix_ipc
 from fastvec import _ring, stats
 from fastvec.dispatch import Dispatcher, get_error
 from fastvec.errors import RingError, WaitTimeout
-from fastvec.failures import Failure, describe_exit
+from fastvec.failures import Failure, describe_exit, sigkill
 from fastvec.options import Options
 from fastvec.shm import Names, Segment
 from fastvec.spares import Spares
@@ -425,15 +425,7 @@ class Supervisor:
         if isinstance(proc, InProcess):
             proc.close()
             return
-        if proc.exitcode is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.join(5.0)
-        if proc.exitcode is not None:
-            proc.close()
-        else:  # SIGKILLed but not yet gone (uninterruptible sleep): reap it at shutdown
+        if not sigkill(proc):  # not yet gone (uninterruptible sleep): reap it at shutdown
             log.error("worker process %d survived SIGKILL for 5 s", proc.pid)
             self.zombies.append(proc)
 
