@@ -14,6 +14,10 @@ env-steps/s per round, each round the same episode from ``reset(seed=0)`` with t
 actions, median over rounds). All three contenders exist at once and take turns, in an
 order that rotates each round, so a machine's drift hits them alike. Reported: medians,
 the ratios to the local env, and the per-step overhead (median Ray step - median local).
+
+Caveat: an idle compiled-graph actor spins a core while it waits for its next input (Ray
+2.60), so on a small machine the compiled contender also slows the two others while they
+take their turns; the ratios then flatter it a little.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ class RayVectorEnv(VectorContract, VectorEnv):
             finished first, at least ``batch_size`` envs (NEXT_STEP only).
         compiled: ``step()`` through Ray's Compiled Graphs (fastvec/ray/compiled.py), one
             per actor: ``"auto"`` when this Ray has them (>= 2.44; else the classic calls,
-            logged), ``True`` (raise if it has not), ``False`` (classic calls only).
+            logged), ``True`` (raise if it has not), ``False`` (the default: classic calls
+            only; an idle compiled actor spins a whole core between steps, docs/ray.md).
         env_kwargs: keywords for ``gymnasium.make`` when ``env_fns`` is an id.
         **fastvec_kwargs: every other FastVectorEnv keyword (``autoreset_mode``,
             ``envs_per_worker``, ``step_timeout``, ``max_restarts``, ``on_failure``,
@@ -90,7 +91,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
         max_actor_restarts: int = 5,
         actor_restart_window: float = 300.0,
         batch_size: int | None = None,
-        compiled: bool | str = "auto",
+        compiled: bool | str = False,
         env_kwargs: Mapping[str, Any] | None = None,
         **fastvec_kwargs: Any,
     ):
