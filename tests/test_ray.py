@@ -256,7 +256,9 @@ def test_node_removed_mid_run(cluster):
         assert doomed_id == _node_of("doomed") and health[0]["node_id"] == _node_of("node1")
         for _ in range(5):
             a = rng.integers(0, 5, 4)
-            _assert_same(ref.step(a), env.step(a), "before the crash")
+            got = env.step(a)
+            _assert_same(ref.step(a), got, "before the crash")
+            obs = got[0]  # the loss may be met by the very next step (compiled graphs)
         cluster.remove_node(doomed, allow_graceful=False)
         flagged, deadline = [], time.monotonic() + 60
         t = 0
@@ -291,9 +293,10 @@ def test_node_removed_mid_run(cluster):
         ref.close()
 
 
-def test_actor_sigkill(cluster):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "classic"])
+def test_actor_sigkill(cluster, compiled):
     env = RayVectorEnv([CounterEnv] * 4, placement=[{"node1": 0.01}, {"node2": 0.01}],
-                       resume="off", **FAST)
+                       resume="off", compiled=compiled, **FAST)
     try:
         env.reset(seed=3)
         for _ in range(3):
@@ -312,6 +315,9 @@ def test_actor_sigkill(cluster):
         assert h2[0]["restarts"] == 1 and h2[0]["reasons"] == {"actor_died": 1}
         assert h2[0]["node_id"] == h[0]["node_id"] and h2[0]["pid"] != victim  # node alive
         assert wait_until(lambda: all(_dead(p) for p in workers), 5.0), "orphaned workers"
+        obs, *_ = env.step(np.ones(4, np.int64))  # the replacement's graph is compiled now
+        assert obs[:, 1].tolist() == [1, 1, 6, 6]
+        assert [a["compiled"] for a in env.health()] == [compiled] * 2
     finally:
         env.close()
 
@@ -400,9 +406,11 @@ def test_frozen_actor_counts_as_unresponsive(cluster):
         env.close()
 
 
-def test_restart_budget(cluster):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "classic"])
+def test_restart_budget(cluster, compiled):
     env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, max_actor_restarts=1,
-                       resume="off", placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+                       resume="off", placement=[{"node1": 0.01}, {"node2": 0.01}],
+                       compiled=compiled, **FAST)
     try:
         env.reset(seed=0)
         os.kill(env.health()[0]["pid"], signal.SIGKILL)
@@ -548,3 +556,83 @@ def test_actor_lost_in_recv_resumes_and_fallback(cluster):
         env.close()
         ref.close()
         short.close()
+
+
+# -- compiled graphs: the lockstep step's own failure cases ---------------------------------------
+
+def test_compiled_equals_classic_and_falls_back_where_it_must(cluster):
+    """compiled=True steps through one graph per actor and returns what the classic calls
+    return; send/recv, resets and calls stay classic next to the graphs."""
+    fns = [CounterEnv] * 3
+    pins = [{"node1": 0.01}, {"node2": 0.01}]
+    fast = RayVectorEnv(fns, placement=pins, compiled=True, batch_size=1, **FAST)
+    slow = RayVectorEnv(fns, placement=pins, compiled=False, **FAST)
+    try:
+        assert fast.compiled and not slow.compiled
+        assert [a["compiled"] for a in fast.health()] == [True, True]
+        assert [a["compiled"] for a in slow.health()] == [False, False]
+        _assert_same(slow.reset(seed=2), fast.reset(seed=2), "reset")
+        for t in range(70):  # across episode ends (20..60 steps)
+            a = np.random.default_rng(t).integers(0, 5, 3)
+            _assert_same(slow.step(a), fast.step(a), f"step {t}")
+        fast.send(np.ones(3, np.int64))
+        while len(fast.stepping):
+            fast.recv()
+        assert fast.get_attr("index") == (0, 0, 0)
+        fast.step(np.ones(3, np.int64))  # the graphs still answer after classic calls
+    finally:
+        fast.close()
+        slow.close()
+    with pytest.raises(ValueError, match="compiled"):
+        RayVectorEnv(fns, compiled="yes", **FAST)
+
+
+def test_compiled_actor_killed_mid_execute(cluster):
+    """SIGKILL while the actor executes its graph: the step returns the envs truncated
+    (resume off), the graph is torn down, the replacement gets a new one, and close()
+    tears that down before the actors go."""
+    fns = [functools.partial(test_envs.AttrEnv, 0, sleep=0.3)] * 2
+    env = RayVectorEnv(fns, envs_per_actor=1, resume="off", compiled=True,
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    try:
+        env.reset(seed=0)
+        env.step(np.ones(2, np.int64))
+        victim = env.health()[0]["pid"]
+        env.step_async(np.ones(2, np.int64))
+        time.sleep(0.1)  # inside the env's step, on the graph's thread
+        os.kill(victim, signal.SIGKILL)
+        obs, rew, term, trunc, info = env.step_wait()
+        assert trunc.tolist() == [True, False]
+        assert info["worker_restart_reason"][0].startswith("actor_died")
+        assert obs[:, 1].tolist() == [1, 2]
+        obs, *_ = env.step(np.ones(2, np.int64))  # the replacement's reset, classic
+        assert obs[:, 1].tolist() == [0, 3]
+        obs, *_ = env.step(np.ones(2, np.int64))  # compiled again
+        assert obs[:, 1].tolist() == [1, 4]
+        h = env.health()
+        assert [a["compiled"] for a in h] == [True, True] and h[0]["pid"] != victim
+    finally:
+        env.close()
+
+
+def test_compiled_step_wait_timeout_keeps_the_step(cluster):
+    """step_wait(timeout) on the graphs raises WaitTimeout and leaves the step pending;
+    the next step_wait returns it; a step pending at close() is settled."""
+    fns = [functools.partial(test_envs.AttrEnv, 0, sleep=0.4), test_envs.AttrEnv]
+    env = RayVectorEnv(fns, envs_per_actor=1, compiled=True,
+                       placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    try:
+        env.reset(seed=0)
+        env.step_async(np.array([1, 1]))
+        with pytest.raises(fastvec.WaitTimeout):
+            env.step_wait(timeout=0.05)
+        with pytest.raises(fastvec.AlreadyPendingCallError):
+            env.step_async(np.array([1, 1]))
+        obs, rew, *_ = env.step_wait()
+        assert obs[:, 1].tolist() == [1.0, 1.0] and rew.tolist() == [2.0, 2.0]
+        obs, *_ = env.step(np.array([1, 1]))
+        assert obs[:, 1].tolist() == [2.0, 2.0]
+        assert [a["compiled"] for a in env.health()] == [True, True]
+        env.step_async(np.array([1, 1]))
+    finally:
+        env.close()  # with a step in flight on the graphs

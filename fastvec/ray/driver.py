@@ -7,6 +7,8 @@ calls.py's, and what a lost actor means for the batch failover.py's.
 
 from __future__ import annotations
 
+import logging
+import time
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,12 +25,15 @@ from fastvec.errors import (AlreadyPendingCallError, FastVecError, InvalidAction
                             NoAsyncCallError)
 from fastvec.ray.actors import Actors
 from fastvec.ray.calls import Calls
+from fastvec.ray.compiled import Graphs, unavailable
 from fastvec.ray.failover import Failover
 from fastvec.ray.nested import concat, conform, merge_infos, rows, take
 from fastvec.ray.options import RayOptions, check_node_kwargs, env_fns_of
 from fastvec.ray.placement import actor_sizes, initial_pins
 from fastvec.ray.resume import EpisodeMirror
 from fastvec.replay import OP_CALL, OP_SET_ATTR
+
+log = logging.getLogger("fastvec.ray")
 
 
 class RayVectorEnv(VectorContract, VectorEnv):
@@ -54,6 +59,10 @@ class RayVectorEnv(VectorContract, VectorEnv):
             the env.
         batch_size: enables ``send``/``recv``: ``recv`` returns the envs of the actors that
             finished first, at least ``batch_size`` envs (NEXT_STEP only).
+        compiled: ``step()`` through Ray's Compiled Graphs (fastvec/ray/compiled.py), one
+            per actor: ``"auto"`` when this Ray has them (>= 2.44; else the classic calls,
+            logged), ``True`` (raise if it has not), ``False`` (the default: classic calls
+            only; an idle compiled actor spins a whole core between steps, docs/ray.md).
         env_kwargs: keywords for ``gymnasium.make`` when ``env_fns`` is an id.
         **fastvec_kwargs: every other FastVectorEnv keyword (``autoreset_mode``,
             ``envs_per_worker``, ``step_timeout``, ``max_restarts``, ``on_failure``,
@@ -67,6 +76,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
     _kind = "RayVectorEnv"
     _actors: Actors | None = None
     _slots: tuple = ()
+    _graphs: Graphs | None = None
     closed = True
 
     def __init__(
@@ -81,6 +91,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
         max_actor_restarts: int = 5,
         actor_restart_window: float = 300.0,
         batch_size: int | None = None,
+        compiled: bool | str = False,
         env_kwargs: Mapping[str, Any] | None = None,
         **fastvec_kwargs: Any,
     ):
@@ -101,6 +112,15 @@ class RayVectorEnv(VectorContract, VectorEnv):
         self.max_actor_restarts = opts.max_actor_restarts
         self.actor_restart_window = opts.actor_restart_window
 
+        why_not = unavailable()
+        if compiled not in ("auto", True, False):
+            raise ValueError(f'compiled must be "auto", True or False, got {compiled!r}')
+        if compiled is True and why_not:
+            raise FastVecError(f"compiled=True: {why_not}")
+        if compiled == "auto" and why_not:
+            log.info("RayVectorEnv: classic actor calls: %s", why_not)
+        self.compiled = bool(compiled) and not why_not
+
         self._take_spaces(env_fns)
 
         if not ray.is_initialized():
@@ -110,6 +130,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
         actors = self._actors = Actors(env_fns, pins, actor_sizes(n, envs_per_actor, len(pins)),
                                        opts.node_kwargs, opts.actor_options, calls)
         self._slots = actors.slots
+        self._graphs = Graphs(actors, self.actor_timeout) if self.compiled else None
         self._needs_reset = np.zeros(n, np.bool_)
         # the driver's copy of the nodes' episode logs (fastvec/ray/resume.py)
         self._mirror = (EpisodeMirror(self.single_observation_space, self.single_action_space,
@@ -123,13 +144,16 @@ class RayVectorEnv(VectorContract, VectorEnv):
         self._finalizer = weakref.finalize(self, actors.cleanup)
         try:
             self._failover.start()
+            for s in self._slots if self._graphs is not None else ():
+                self._graphs.has(s)  # compiled now: not in the first step's deadline
         except BaseException:
             self.close(terminate=True)
             raise
 
     # -- health ---------------------------------------------------------------------------------
     def health(self) -> list[dict]:
-        """Per actor: node, pid, generation, actor-level restarts and reasons, the episodes
+        """Per actor: node, pid, generation, whether its steps go through a compiled
+        graph (``compiled``), actor-level restarts and reasons, the episodes
         its replacements resumed (``resumed``) and those they could not (``not_resumed``,
         by reason), and the ``health()`` of its FastVectorEnv's workers (with global env
         indices)."""
@@ -145,6 +169,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
             report.append({
                 "actor": s.index, "envs": list(s.envs), "node_id": s.node_id, "pid": s.pid,
                 "alive": out.value is not None, "generation": s.generation,
+                "compiled": self._graphs is not None and self._graphs.active(s),
                 "restarts": s.restarts, "reasons": dict(s.reasons),
                 "resumed": s.resumed, "not_resumed": dict(s.not_resumed),
                 "last_failure": s.last_failure, "last_failure_time": s.last_failure_time,
@@ -229,6 +254,9 @@ class RayVectorEnv(VectorContract, VectorEnv):
                 # NEXT_STEP after a replacement: this step returns the fresh episode's start.
                 calls[s.index] = self._calls.call(s.pending_reset, "reset")
                 s.pending_reset = None
+            elif self._graphs is not None and self._graphs.has(s):
+                self._graphs.submit(s, s.sent)
+                calls[s.index] = self._calls.call(None, "step")  # read by the graph
             else:
                 calls[s.index] = self._calls.call(s.handle.step.remote(s.sent), "step")
         self._pending = calls
@@ -236,7 +264,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
 
     def step_wait(self, timeout: float | None = None):
         self._assert_waiting(State.WAITING_STEP, "step_wait", "step_async")
-        outs = self._calls.collect(self._pending, timeout)
+        outs = self._collect_step(timeout)
         calls, self._pending = self._pending, {}
         self._state = State.DEFAULT
         obs, rew, term, trunc, infos, restarted, marks = self._failover.assemble(
@@ -248,6 +276,18 @@ class RayVectorEnv(VectorContract, VectorEnv):
             self._needs_reset |= term | trunc
         self._raise_if_policy(restarted)
         return obs, rew, term, trunc, infos
+
+    def _collect_step(self, timeout: float | None) -> dict:
+        """The outcomes of the pending step: classic calls first (their refs can be waited
+        on again after a WaitTimeout), then the graphs' reads (which go on after one)."""
+        graphed = set() if self._graphs is None else self._graphs.in_flight & set(self._pending)
+        until = None if timeout is None else time.monotonic() + timeout
+        classic = {a: c for a, c in self._pending.items() if a not in graphed}
+        outs = self._calls.collect(classic, timeout) if classic else {}
+        if graphed:
+            left = None if until is None else max(0.0, until - time.monotonic())
+            outs.update(self._graphs.collect(graphed, left))
+        return outs
 
     # -- first-ready batches (send / recv) -------------------------------------------------------
     @property
@@ -360,6 +400,9 @@ class RayVectorEnv(VectorContract, VectorEnv):
             return
         terminate = self._settle_pending(timeout, terminate)
         self._pending, self._flying = {}, {}
+        if self._graphs is not None:  # before the actors close and before Ray shuts down
+            self._graphs.close()
+            self._graphs = None
         self._finalizer.detach()
         self._actors.close(timeout, terminate)
         self._actors = None

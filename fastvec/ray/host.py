@@ -68,6 +68,11 @@ class _NodeHost:
     def step(self, actions):
         return (*self._env.step(actions), self._env.take_episode_notes())
 
+    def run(self, actions):
+        """A step, through the actor's compiled graph (fastvec/ray/compiled.py); ``None``
+        is the graph's first execution, which only shows that it runs."""
+        return None if actions is None else self.step(actions)
+
     def resume(self, state: dict, actions):
         """Replay the lost actor's episodes (``state``: the driver's log of them, in the
         format of ``FastVectorEnv.state_dict``); if every env resumed, send the lost step
