@@ -375,3 +375,46 @@ def test_a_clean_run_leaves_no_warning_from_the_resource_tracker(context):
     """)
     assert_ok(proc)
     assert "resource_tracker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_full_dev_shm_while_a_spare_would_adopt_disables_and_a_reset_recovers():
+    """With spares=1, /dev/shm fills up, then a worker is SIGKILLed: its slot cannot get a
+    new semaphore, so no spare is handed over (none is lost), every attempt fails fast and
+    counted, and the env goes out of play (on_budget_exhausted="disable"); the step
+    returns. With space again, a reset tries the slot again, and it adopts the spare."""
+    need_private_shm()
+    assert_ok(run_python("""
+        import os, signal, time
+        import numpy as np
+        import fastvec
+        from faults import CounterEnv
+        from fastvec.shm import free_bytes
+
+        env = fastvec.FastVectorEnv([CounterEnv] * 2, context="fork", spares=1,
+                                    max_restarts=2, on_budget_exhausted="disable")
+        env.reset(seed=0)
+        deadline = time.monotonic() + 30
+        while not [h for h in env.health() if h["spare"] and h["state"] == "ready"]:
+            assert time.monotonic() < deadline, env.health()
+            time.sleep(0.05)
+        spare = [h["pid"] for h in env.health() if h["spare"]][0]
+        fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR)
+        os.posix_fallocate(fd, 0, free_bytes())
+        os.kill(env.health()[0]["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, _, _, truncated, infos = env.step(np.zeros(2, np.int64))
+        took = time.monotonic() - t0
+        assert infos["_env_disabled"].tolist() == [True, False], infos
+        worker = env.health()[0]
+        assert truncated[0] and worker["reasons"] == {"died": 1, "start": 2}, worker
+        assert "could not start a worker process" in worker["last_failure"], worker
+        assert "SharedMemoryFullError" in worker["last_failure"], worker
+        assert [h["pid"] for h in env.health() if h["spare"]] == [spare]  # not used up
+        os.close(fd)
+        os.unlink("/dev/shm/filler")
+        env.reset(seed=1)
+        assert env.health()[0]["pid"] == spare and not env.health()[0]["disabled"]
+        env.close()
+        assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
+        print("OK", f"{took:.2f} s")
+    """, shm_size="8m"))
