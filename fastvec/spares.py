@@ -190,13 +190,16 @@ class Spares:
                 self.pool.append(Spare(proc, parent, time.monotonic()))
                 self.started += 1
 
-    def retry(self) -> None:
-        """A reset: spares stopped by their failure budget get a fresh one."""
+    def retry(self) -> bool:
+        """A reset: spares stopped by their failure budget get a fresh one; returns
+        whether they had been stopped."""
         with self.lock:
-            if self.off is not None:
-                log.info("fastvec: trying spares again (stopped after: %s)", self.off)
-                self.off = None
-                self.failure_times.clear()
+            if self.off is None:
+                return False
+            log.info("fastvec: trying spares again (stopped after: %s)", self.off)
+            self.off = None
+            self.failure_times.clear()
+            return True
 
     def take(self) -> Spare | None:
         """The spare a failed slot adopts: the oldest ready one, else the oldest still

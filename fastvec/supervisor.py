@@ -250,8 +250,7 @@ class Supervisor:
 
     def retry_spares(self) -> None:
         """A reset: spares stopped by their failure budget are tried again."""
-        if self.spares is not None:
-            self.spares.retry()
+        if self.spares is not None and self.spares.retry():
             self.watchdog.poke()
 
     def _alarm(self) -> None:
