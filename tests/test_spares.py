@@ -224,7 +224,9 @@ def _cpu_ticks(pid: int) -> int:
 def test_spares_sleep_and_end_with_their_owner(tmp_path):
     """Spares cost no CPU while they wait, and a SIGKILLed owner takes them along."""
     code = SLEEPING_OWNER.format(tests=os.path.dirname(__file__), log=str(tmp_path))
-    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # from tmp_path: the installed fastvec, not the source tree (-c puts the cwd first)
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=tmp_path)
     try:
         pids = [int(p) for p in owner.stdout.readline().split()]
         assert len(pids) == 2
