@@ -42,6 +42,24 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Short deadlines: a lost actor is noticed within seconds, not minutes.
 FAST = {"start_timeout": 20.0, "actor_timeout": 30.0, "heartbeat_timeout": 2.0}
 _NAME = re.compile(r"^(?:sem\.)?fv(\d+)_")
+# Ray's object store names semaphores after its raylet: sem.obj<pid>-..., sem.hdr<pid>-...
+_RAY_SEM = re.compile(r"^sem\.(?:obj|hdr)(\d+)-")
+
+
+def _ray_sems() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if _RAY_SEM.match(n)}
+
+
+def _remove_dead_ray_sems(before: set[str]) -> None:
+    """A raylet SIGKILLed by ``remove_node`` (the node-loss tests) cannot unlink its object
+    store's semaphores, and Ray leaves them: those made since the cluster started whose
+    raylet is gone are ours to remove (a clean single-node run leaves none)."""
+    for name in _ray_sems() - before:
+        if not psutil.pid_exists(int(_RAY_SEM.match(name).group(1))):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except FileNotFoundError:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +67,7 @@ def cluster():
     # Raylets inherit this environment: actors can unpickle the test envs by module.
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = TESTS_DIR + (os.pathsep + old if old else "")
+    ray_sems = _ray_sems()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node0": 1}})
     try:
         for i in (1, 2):
@@ -58,6 +77,7 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        _remove_dead_ray_sems(ray_sems)
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:
