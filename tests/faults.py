@@ -41,19 +41,27 @@ def do_fault(kind: str) -> None:
         raise ValueError(kind)
 
 
-def fault_on_command(command_dir: str | None, index: int) -> None:
-    """Do the fault a test wrote to ``<command_dir>/env<index>.cmd``, once (the file is
-    removed first, so the replacement does not fault again); nothing without a file."""
+def take_command(command_dir: str | None, index: int, suffix: str = "cmd") -> str | None:
+    """The command a test wrote to ``<command_dir>/env<index>.<suffix>``, removed (so that
+    a replacement does not take it again); None without a file."""
     if not command_dir:
-        return
-    path = os.path.join(command_dir, f"env{index}.cmd")
+        return None
+    path = os.path.join(command_dir, f"env{index}.{suffix}")
     try:
         with open(path) as f:
             kind = f.read().strip()
         os.unlink(path)
     except FileNotFoundError:
-        return
-    do_fault(kind)
+        return None
+    return kind
+
+
+def fault_on_command(command_dir: str | None, index: int) -> None:
+    """Do the fault a test wrote to ``<command_dir>/env<index>.cmd``, once; nothing without
+    a file."""
+    kind = take_command(command_dir, index)
+    if kind is not None:
+        do_fault(kind)
 
 
 class CounterEnv(gym.Env):

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from fastvec import WorkerFailure
-from faults import CounterEnv, do_fault
+from faults import CounterEnv, do_fault, take_command
 
 
 # -- the faults, their timing and what each must come back as ------------------------------
@@ -143,16 +143,7 @@ def unplant(command_dir: str, index: int, phase: str) -> None:
 
 def take(command_dir: str | None, index: int, phase: str) -> str | None:
     """The command planted for this phase, removed; None if there is none."""
-    if not command_dir:
-        return None
-    path = os.path.join(command_dir, f"env{index}.{phase}")
-    try:
-        with open(path) as f:
-            kind = f.read().strip()
-        os.unlink(path)
-    except FileNotFoundError:
-        return None
-    return kind
+    return take_command(command_dir, index, phase)
 
 
 class SoakEnv(CounterEnv):
