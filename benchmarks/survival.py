@@ -33,8 +33,10 @@ function, which env 0's faulting wrapper breaks; so the spare pair runs apart: e
 is the plain workload, and the benchmark sends env 0's worker the fault from outside
 (SIGKILL, or SIGSEGV for a segfault) every ``Case.outside_every_s`` seconds, longer than
 a spare's build, stamping the time first. Resume on without a spare next to resume on
-with one, same schedule; the table adds the median step without a fault and the target
-of a spare: (2 + steps replayed) x that step.
+with one, same schedule; the table adds the median step without a fault, the target
+of a spare: (2 + steps replayed) x that step, and the kernel's part, measured in the same
+run (benchmarks/death_floor.py): the same signal to a sleeping process of this size, to
+its death seen, below which no recovery of a process can go.
 
 Nothing here can hang the benchmark: each attempt runs in its own process, every wait has
 a deadline (``step_wait(timeout=...)``, ``close(terminate=True)`` in a thread with a
@@ -74,6 +76,7 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+import death_floor  # noqa: E402
 import workloads  # noqa: E402
 from checkout import BENCH_DIR, import_fastvec  # noqa: E402
 from contenders import RESUME_ON  # noqa: E402
@@ -404,6 +407,9 @@ def run(kinds, budget_s: float | None, period: int | None, num_envs: int,
             for key in contenders(kind):
                 res = run_attempt(case_key, key, kind, period or case.period, num_envs,
                                   budget, log_dir)
+                if key in SPARES and kind in death_floor.SIGNALS:
+                    # the kernel's part of the spare's recovery, from a process of this size
+                    res["death_floor"] = death_floor.measure(kind)
                 out.append(res)
                 if progress is not None:
                     progress.update(1, f"survival {case_key} {kind}")
@@ -501,16 +507,20 @@ def report(results: list[dict]) -> str:
     if spares:
         out += ["", f"recovery with a hot spare, ms, median / p90: a fault sent from outside to "
                 f"env 0's worker (every env from one function, resume={RESUME_ON}); bound = "
-                "(2 + steps replayed) x the median step without a fault"]
+                "(2 + steps replayed) x the median step without a fault; kernel = the same "
+                "signal to a sleeping process of this benchmark's size, to its death seen "
+                "(benchmarks/death_floor.py): no runner of processes recovers sooner"]
         rows = [[p["case"], p["fault"], f"{p['faults'][0]} / {p['faults'][1]}",
                  _ms(p["without"].get("recovery_s")), _ms(p["with"].get("recovery_s")),
                  "-" if p["with_over_without"] is None else f"{p['with_over_without']:.3f}x",
                  "-" if p["step_ms"] is None else f"{p['step_ms']:.2f}",
                  "-" if p["bound_ms"] is None else f"{p['bound_ms']:.1f}",
-                 {True: "yes", False: "NO", None: "-"}[p["within_bound"]]]
+                 {True: "yes", False: "NO", None: "-"}[p["within_bound"]],
+                 "-" if not p["floor"] else
+                 f"{p['floor']['median_ms']:.1f} / {p['floor']['p90_ms']:.1f}"]
                 for p in spares]
         out.append(table(["workload", "fault", "faults", "no spare", "spares=1",
-                          "spare/none", "step ms", "bound ms", "within"], rows))
+                          "spare/none", "step ms", "bound ms", "within", "kernel"], rows))
     return "\n".join(out)
 
 
@@ -533,7 +543,8 @@ def spare_pairs(results: list[dict]) -> list[dict]:
                     else None,
                     "step_ms": None if step is None else 1e3 * step,
                     "bound_ms": None if bound is None else 1e3 * bound,
-                    "within_bound": None if bound is None or not b else b["median"] <= bound})
+                    "within_bound": None if bound is None or not b else b["median"] <= bound,
+                    "floor": spare.get("death_floor")})
     return out
 
 
@@ -598,6 +609,7 @@ def main(argv=None) -> int:
             "spares": [{"case": p["case"], "fault": p["fault"],
                         "with_over_without": p["with_over_without"], "step_ms": p["step_ms"],
                         "bound_ms": p["bound_ms"], "within_bound": p["within_bound"],
+                        "death_floor": p["floor"],
                         "without": {k: p["without"].get(k) for k in PAIR_FIELDS},
                         "with": {k: p["with"].get(k) for k in PAIR_FIELDS}}
                        for p in spare_pairs(results)],
