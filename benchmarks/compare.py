@@ -84,7 +84,11 @@ except ImportError:
 
 class RayContender(Contender):
     """fastvec.ray.RayVectorEnv on a local one-node Ray: one actor holding a FastVectorEnv
-    with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step."""
+    with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step.
+
+    The classic calls only: an idle compiled-graph actor (``compiled=True``) spins a core,
+    which every other contender of the cell, all alive at once, would pay for;
+    benchmarks/ray_step.py measures the compiled path on its own."""
 
     def build(self, env_fns):
         if not ray.is_initialized():
