@@ -95,8 +95,16 @@ class RayContender(Contender):
             # Actors import the workloads module by name, as the fastvec workers do.
             os.environ["PYTHONPATH"] = os.pathsep.join(
                 [str(BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-            ray.init(num_cpus=cpu_count(), log_to_driver=False,
-                     include_dashboard=False, logging_level="error")
+            # Ray puts the driver's working directory on its workers' sys.path: from the
+            # repository root that is the uncompiled source tree, which would shadow the
+            # installed fastvec. Start Ray from this directory instead (no fastvec/ in it).
+            here = os.getcwd()
+            os.chdir(BENCH_DIR)
+            try:
+                ray.init(num_cpus=cpu_count(), log_to_driver=False,
+                         include_dashboard=False, logging_level="error")
+            finally:
+                os.chdir(here)
         return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
 
 
