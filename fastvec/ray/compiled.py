@@ -1,11 +1,18 @@
-"""Lockstep steps over Ray's Compiled Graphs: one graph per actor, ``actor.step(actions)``.
+"""Steps over Ray's Compiled Graphs: one graph per actor, ``actor.step(actions)``.
 
 A classic actor call costs about 1-2 ms of Ray's task machinery per step; a compiled graph
 sets up the actor's call once (channels in shared memory, or pushed between raylets) and
-then costs tens of microseconds per execution. Only ``step()``'s lockstep steps go through
-the graphs; everything else (start, reset, resume, call, attributes, health, close, and
-``send``/``recv``) stays on the classic calls of calls.py, which Ray lets through to an
-actor next to its graph.
+then costs tens of microseconds per execution. ``step()``'s lockstep steps and
+``send``/``recv``'s steps go through the graphs; everything else (start, reset, resume,
+call, attributes, health, close) stays on the classic calls of calls.py, which Ray lets
+through to an actor next to its graph.
+
+First-ready batches (``send``/``recv``): a compiled result cannot be given to
+``ray.wait`` (``CompiledDAGRef``, Ray 2.60: ``ray.wait() is not supported``) and can be
+read once only, so each execution a ``send`` starts is read on its own helper thread at
+once (Ray releases the GIL while a read waits); the threads notify one condition, which
+``recv`` (calls.py's ``Calls.first``) waits on. Each read in flight spins a driver core
+while it waits (Ray polls the channel with ``sched_yield``).
 
 One graph per actor, not one for all: each actor's answer is read on its own, so a lost or
 slow actor costs only its own envs (a read of several outputs that times out half way
