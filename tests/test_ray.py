@@ -718,8 +718,9 @@ def test_send_recv_slow_actor_does_not_stall(cluster, tmp_path, compiled):
         sent = [1, got.count(1), got.count(2)]
         steps = [h["compiled_steps"] - b for h, b in zip(env.health(), base)]
         assert steps == (sent if compiled else [0, 0, 0])
+        env.send(np.ones(3, np.int64))
     finally:
-        env.close()
+        env.close()  # with every env in flight (on the graphs' reader threads)
 
 
 @pytest.mark.parametrize("resume", ["auto", "off"])
@@ -752,9 +753,12 @@ def test_compiled_send_recv_actor_sigkilled(cluster, tmp_path, resume):
         else:
             assert trunc.tolist() == [True] and rew[0] == 0.0 and obs[0][1] == 1
             assert info["worker_restart_reason"][0].startswith("actor_died")
-            env.send(np.ones(1, np.int64), [0])  # the replacement's fresh episode (classic)
-            obs, *_, ids = env.recv(timeout=60.0)
-            assert ids.tolist() == [0] and obs[0][1] == 0
+            env.send(np.ones(2, np.int64))  # the replacement's fresh episode (classic) next
+            seen = {}                        # to a graph's step: recv waits on both kinds
+            while len(env.stepping):
+                obs, *_, ids = env.recv(timeout=60.0)
+                seen.update((int(i), obs[j][1]) for j, i in enumerate(ids))
+            assert seen == {0: 0, 1: 3}
         before = env.health()[0]["compiled_steps"]
         env.send(np.ones(2, np.int64))
         while len(env.stepping):
