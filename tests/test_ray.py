@@ -656,3 +656,117 @@ def test_compiled_step_wait_timeout_keeps_the_step(cluster):
         env.step_async(np.array([1, 1]))
     finally:
         env.close()  # with a step in flight on the graphs
+
+
+# -- compiled graphs: first-ready batches (send / recv) --------------------------------------------
+
+class GateEnv(CounterEnv):
+    """CounterEnv whose steps wait while ``<gate_dir>/hold<index>`` exists (at most 60 s):
+    a slow node whose pace the test sets by a file, not by a clock. (Module level: the
+    actors import it from this module, which is on their PYTHONPATH.)"""
+
+    def __init__(self, gate_dir: str, index: int):
+        super().__init__(index=index)
+        self.gate_dir = gate_dir
+
+    def step(self, action):
+        path = os.path.join(self.gate_dir, f"hold{self.index}")
+        deadline = time.monotonic() + 60.0
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return super().step(action)
+
+
+def _gated(tmp_path, n: int) -> list:
+    return [functools.partial(GateEnv, str(tmp_path), i) for i in range(n)]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "classic"])
+def test_send_recv_slow_actor_does_not_stall(cluster, tmp_path, compiled):
+    """A held actor (a slow node) never stalls the others' batches: they are received and
+    sent again round after round while it holds, the longest-waiting first; recv(timeout)
+    raises WaitTimeout with it still stepping; released, it returns its one step. With
+    compiled=True every step of send/recv went through the actors' graphs."""
+    hold = tmp_path / "hold0"
+    hold.touch()
+    env = RayVectorEnv(_gated(tmp_path, 3), envs_per_actor=1, batch_size=1,
+                       compiled=compiled, placement=[{f"node{i}": 0.01} for i in range(3)],
+                       **FAST)
+    try:
+        env.reset(seed=3)
+        base = [h["compiled_steps"] for h in env.health()]
+        env.send(np.ones(3, np.int64))
+        got = []
+        for _ in range(10):
+            obs, rew, term, trunc, info, ids = env.recv(timeout=60.0)
+            assert len(ids) == 1 and ids[0] != 0
+            i = int(ids[0])
+            got.append(i)
+            assert obs[0][1] == got.count(i)  # its own step, in order
+            env.send(np.ones(1, np.int64), ids)
+        assert got.count(1) >= 2 and got.count(2) >= 2, got  # neither waits behind the other
+        while len(env.stepping) > 1:
+            *_, ids = env.recv(timeout=60.0)
+            got.append(int(ids[0]))
+        assert env.stepping.tolist() == [0]
+        with pytest.raises(fastvec.WaitTimeout):
+            env.recv(timeout=0.05)
+        assert env.stepping.tolist() == [0]
+        hold.unlink()
+        obs, rew, term, trunc, info, ids = env.recv(timeout=60.0)
+        assert ids.tolist() == [0] and obs[0][1] == 1 and not trunc[0]
+        sent = [1, got.count(1), got.count(2)]
+        steps = [h["compiled_steps"] - b for h, b in zip(env.health(), base)]
+        assert steps == (sent if compiled else [0, 0, 0])
+        env.send(np.ones(3, np.int64))
+    finally:
+        env.close()  # with every env in flight (on the graphs' reader threads)
+
+
+@pytest.mark.parametrize("resume", ["auto", "off"])
+def test_compiled_send_recv_actor_sigkilled(cluster, tmp_path, resume):
+    """SIGKILL of an actor while its graph executes a send(): its recv comes back resumed
+    (its real step) or, with resume="off", truncated and flagged, as on the classic calls;
+    the other actor's batches go on meanwhile; the replacement gets a graph of its own."""
+    hold = tmp_path / "hold0"
+    env = RayVectorEnv(_gated(tmp_path, 2), envs_per_actor=1, batch_size=1, compiled=True,
+                       resume=resume, placement=[{"node1": 0.01}, {"node2": 0.01}], **FAST)
+    ref = SyncVectorEnv([CounterEnv] * 2)
+    try:
+        _assert_same(ref.reset(seed=4), env.reset(seed=4), "reset")
+        _assert_same(ref.step(np.ones(2, np.int64)), env.step(np.ones(2, np.int64)), "step")
+        victim = env.health()[0]["pid"]
+        hold.touch()
+        env.send(np.full(2, 2, np.int64))
+        expected = ref.step(np.full(2, 2, np.int64))
+        obs, rew, term, trunc, info, ids = env.recv(timeout=60.0)
+        assert ids.tolist() == [1] and obs[0][1] == 2
+        np.testing.assert_array_equal(obs[0], expected[0][1])
+        os.kill(victim, signal.SIGKILL)  # inside its step, held at the gate
+        hold.unlink()  # the replacement's replay must not be held
+        obs, rew, term, trunc, info, ids = env.recv(timeout=60.0)
+        assert ids.tolist() == [0]
+        if resume == "auto":
+            np.testing.assert_array_equal(obs[0], expected[0][0])
+            assert info["_worker_resumed"].tolist() == [True] and not trunc[0]
+            assert info["worker_resumed_reason"][0].startswith("actor_died")
+        else:
+            assert trunc.tolist() == [True] and rew[0] == 0.0 and obs[0][1] == 1
+            assert info["worker_restart_reason"][0].startswith("actor_died")
+            env.send(np.ones(2, np.int64))  # the replacement's fresh episode (classic) next
+            seen = {}                        # to a graph's step: recv waits on both kinds
+            while len(env.stepping):
+                obs, *_, ids = env.recv(timeout=60.0)
+                seen.update((int(i), obs[j][1]) for j, i in enumerate(ids))
+            assert seen == {0: 0, 1: 3}
+        before = env.health()[0]["compiled_steps"]
+        env.send(np.ones(2, np.int64))
+        while len(env.stepping):
+            env.recv(timeout=60.0)
+        h = env.health()
+        assert h[0]["pid"] != victim and [a["compiled"] for a in h] == [True, True]
+        assert h[0]["compiled_steps"] == before + 1  # the replacement's own graph
+        assert h[0]["restarts"] == 1
+    finally:
+        env.close()
+        ref.close()

@@ -4,7 +4,8 @@
       validate, slice by actor ──▶ actor.step.remote(a_j) ──▶ FastVectorEnv (its k_j envs,
                                                                shared-memory rings, watchdog)
       ray.wait(all, deadline) ◀── one object per actor and step: (obs, rew, term, trunc, infos)
-      (lockstep steps: actor j's compiled graph, execute / read with the same deadline)
+      (compiled: actor j's graph, execute / read with the same deadline; first-ready
+       batches read each graph on a helper thread)
       concatenate the actors' parts (zero-copy reads of the object store, one copy into the batch)
 
 Only batches cross the network; the rings and the watchdog that respawns a failed worker
@@ -26,7 +27,7 @@ One module per idea:
     actors.py     the slots (a range of envs each) and starting / stopping their actors
     placement.py  where an actor goes, and off which lost nodes
     calls.py      deadlines on every request to an actor; Ray's errors sorted
-    compiled.py   step() over Ray's Compiled Graphs, one per actor; torn down when one is lost
+    compiled.py   steps over Ray's Compiled Graphs, one per actor; torn down when one is lost
     failover.py   lost actors: replaced within a budget, their envs flagged in the batch
     resume.py     the driver's copy of the episode logs; a lost actor's state for its replacement
     nested.py     batched structures: slicing, joining, merging infos

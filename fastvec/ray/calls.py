@@ -19,6 +19,9 @@ import ray.exceptions
 from fastvec.errors import WaitTimeout
 from fastvec.ray.host import PREDECESSOR_WAIT
 
+# Seconds of one wait on classic calls while compiled graphs' reads are in flight too.
+MIXED_SLICE = 0.002
+
 
 @dataclass
 class Call:
@@ -73,25 +76,39 @@ class Calls:
         return self.outcomes(calls, done)
 
     def first(self, flying: dict[int, Call], sizes: Mapping[int, int], need: int,
-              timeout: float | None) -> tuple[list[int], set]:
+              timeout: float | None, reads=None) -> tuple[list[int], set]:
         """Wait until the actors in ``flying`` that answered or missed their deadline hold
         at least ``need`` envs (``sizes``: envs per actor). Returns those actors and the
-        refs that are ready; ``timeout`` raises WaitTimeout, leaving every call in flight."""
+        refs that are ready; ``timeout`` raises WaitTimeout, leaving every call in flight.
+        A call without a ref is a compiled graph's execution: ``reads`` (compiled.py's
+        Graphs) says when its background read has its outcome (the read itself gives up
+        at the actor's deadline)."""
         user_deadline = np.inf if timeout is None else time.monotonic() + timeout
+        graphed = {a for a, c in flying.items() if c.ref is None}
+        classic = {a: c for a, c in flying.items() if c.ref is not None}
         done: set = set()
         while True:
             now = time.monotonic()
-            over = {a for a, c in flying.items() if c.deadline <= now}
-            have = [a for a, c in flying.items() if c.ref in done or a in over]
+            over = {a for a, c in classic.items() if c.deadline <= now}
+            answered = reads.answered(graphed) if graphed else set()
+            have = [a for a in flying
+                    if a in answered or a in over or (a in classic and classic[a].ref in done)]
             if sum(sizes[a] for a in have) >= need:
                 return have, done
-            waiting = [c for a, c in flying.items() if c.ref not in done and a not in over]
             if now >= user_deadline:
                 raise WaitTimeout(f"recv(timeout={timeout}) ran out of time; the envs keep "
                                   "stepping: call recv() again")
-            until = min(user_deadline, min(c.deadline for c in waiting))
+            waiting = [c for a, c in classic.items() if c.ref not in done and a not in over]
             refs = [c.ref for c in waiting]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, until - now))
+            reading = graphed - answered
+            until = min([user_deadline] + [c.deadline for c in waiting])
+            if not refs:
+                reads.wait_any(reading, None if until == np.inf else until - now)
+                continue
+            # Both kinds in flight (a replacement's reset next to graphs): Ray cannot wait
+            # on both, so its wait is cut into slices between looks at the graphs' reads.
+            left = until - now if not reading else min(until - now, MIXED_SLICE)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, left))
             if ready:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             done.update(ready)

@@ -1,11 +1,18 @@
-"""Lockstep steps over Ray's Compiled Graphs: one graph per actor, ``actor.step(actions)``.
+"""Steps over Ray's Compiled Graphs: one graph per actor, ``actor.step(actions)``.
 
 A classic actor call costs about 1-2 ms of Ray's task machinery per step; a compiled graph
 sets up the actor's call once (channels in shared memory, or pushed between raylets) and
-then costs tens of microseconds per execution. Only ``step()``'s lockstep steps go through
-the graphs; everything else (start, reset, resume, call, attributes, health, close, and
-``send``/``recv``) stays on the classic calls of calls.py, which Ray lets through to an
-actor next to its graph.
+then costs tens of microseconds per execution. ``step()``'s lockstep steps and
+``send``/``recv``'s steps go through the graphs; everything else (start, reset, resume,
+call, attributes, health, close) stays on the classic calls of calls.py, which Ray lets
+through to an actor next to its graph.
+
+First-ready batches (``send``/``recv``): a compiled result cannot be given to
+``ray.wait`` (``CompiledDAGRef``, Ray 2.60: ``ray.wait() is not supported``) and can be
+read once only, so each execution a ``send`` starts is read on its own helper thread at
+once (Ray releases the GIL while a read waits); the threads notify one condition, which
+``recv`` (calls.py's ``Calls.first``) waits on. Each read in flight spins a driver core
+while it waits (Ray polls the channel with ``sched_yield``).
 
 One graph per actor, not one for all: each actor's answer is read on its own, so a lost or
 slow actor costs only its own envs (a read of several outputs that times out half way
@@ -26,6 +33,7 @@ Pitfalls of Ray 2.60 this module is built around (see docs/ray.md):
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import pickle
@@ -100,6 +108,7 @@ class Read:
     outcome: Outcome | None = None
     done: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    answered: threading.Condition | None = None  # notified once the outcome is set
 
     def read(self) -> None:
         """Read the answer (at most until the deadline); the outcome is set in any case."""
@@ -121,6 +130,16 @@ class Read:
         self.ref = None  # no view of the channel's buffer outlives the read
         self.outcome = out
         self.done.set()
+        if self.answered is not None:
+            with self.answered:
+                self.answered.notify_all()
+
+    def start(self, answered: threading.Condition | None = None) -> None:
+        """Read on a helper thread (the read spins a core while it waits: Ray 2.60)."""
+        self.answered = answered
+        self.reader = threading.Thread(target=self.read, daemon=True,
+                                       name="fastvec-ray-graph-read")
+        self.reader.start()
 
 
 class Graphs:
@@ -135,6 +154,8 @@ class Graphs:
         self._graphs: dict[int, Any] = {}
         self._reads: dict[int, Read] = {}
         self._failed: dict[int, int] = {}  # slot -> generation whose compile failed
+        self._answered = threading.Condition()  # a background read has its outcome
+        self.executions: collections.Counter = collections.Counter()  # per slot, all actors
 
     def has(self, s: Slot) -> bool:
         """Whether the slot's actor steps through its graph (compiled now if it can be:
@@ -206,14 +227,34 @@ class Graphs:
         """Whether the slot's actor has a graph now (nothing is compiled)."""
         return s.index in self._graphs
 
-    def submit(self, s: Slot, actions) -> None:
-        """Execute the slot's graph on ``actions`` (``has(s)`` first)."""
+    def submit(self, s: Slot, actions, background: bool = False) -> None:
+        """Execute the slot's graph on ``actions`` (``has(s)`` first); ``background``:
+        read its answer on a helper thread from now on (first-ready batches)."""
         ref = self._graphs[s.index].execute(actions)
-        self._reads[s.index] = Read(ref, time.monotonic() + self._timeout)
+        read = self._reads[s.index] = Read(ref, time.monotonic() + self._timeout)
+        self.executions[s.index] += 1
+        if background:
+            read.start(self._answered)
 
     @property
     def in_flight(self) -> set[int]:
         return set(self._reads)
+
+    def answered(self, indices) -> set[int]:
+        """Those of the slots (with an execution in flight) whose read has its outcome."""
+        return {a for a in indices if self._reads[a].done.is_set()}
+
+    def wait_any(self, indices, timeout: float | None) -> None:
+        """Until one of the slots' background reads has its outcome, at most ``timeout``
+        (None: until the last of their actor deadlines, which ends every read)."""
+        reads = [self._reads[a] for a in indices]
+        if not reads:
+            return
+        bound = max(r.deadline for r in reads) + READ_GRACE - time.monotonic()
+        wait = bound if timeout is None else min(timeout, bound)
+        with self._answered:
+            self._answered.wait_for(lambda: any(r.done.is_set() for r in reads),
+                                    max(0.0, wait))
 
     def collect(self, indices, timeout: float | None) -> dict[int, Outcome]:
         """The outcomes of the slots' executions. ``timeout`` (the caller's) raises
@@ -227,9 +268,7 @@ class Graphs:
             deadline = time.monotonic() + timeout
             for r in reads.values():
                 if r.reader is None and r.outcome is None:
-                    r.reader = threading.Thread(target=r.read, daemon=True,
-                                                name="fastvec-ray-graph-read")
-                    r.reader.start()
+                    r.start()
             for r in reads.values():
                 if not r.done.wait(max(0.0, deadline - time.monotonic())):
                     raise WaitTimeout(f"no answer within timeout={timeout} s; the call is "

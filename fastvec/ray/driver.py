@@ -59,8 +59,8 @@ class RayVectorEnv(VectorContract, VectorEnv):
             the env.
         batch_size: enables ``send``/``recv``: ``recv`` returns the envs of the actors that
             finished first, at least ``batch_size`` envs (NEXT_STEP only).
-        compiled: ``step()`` through Ray's Compiled Graphs (fastvec/ray/compiled.py), one
-            per actor: ``"auto"`` when this Ray has them (>= 2.44; else the classic calls,
+        compiled: ``step()`` and ``send``/``recv`` through Ray's Compiled Graphs
+            (fastvec/ray/compiled.py), one per actor: ``"auto"`` when this Ray has them (>= 2.44; else the classic calls,
             logged), ``True`` (raise if it has not), ``False`` (the default: classic calls
             only; an idle compiled actor spins a whole core between steps, docs/ray.md).
         env_kwargs: keywords for ``gymnasium.make`` when ``env_fns`` is an id.
@@ -153,10 +153,10 @@ class RayVectorEnv(VectorContract, VectorEnv):
     # -- health ---------------------------------------------------------------------------------
     def health(self) -> list[dict]:
         """Per actor: node, pid, generation, whether its steps go through a compiled
-        graph (``compiled``), actor-level restarts and reasons, the episodes
-        its replacements resumed (``resumed``) and those they could not (``not_resumed``,
-        by reason), and the ``health()`` of its FastVectorEnv's workers (with global env
-        indices)."""
+        graph (``compiled``) and how many did (``compiled_steps``, over all its actors),
+        actor-level restarts and reasons, the episodes its replacements resumed
+        (``resumed``) and those they could not (``not_resumed``, by reason), and the
+        ``health()`` of its FastVectorEnv's workers (with global env indices)."""
         self._assert_idle("health")
         for s in self._slots:
             self._actors.resolve_start(s)
@@ -170,6 +170,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
                 "actor": s.index, "envs": list(s.envs), "node_id": s.node_id, "pid": s.pid,
                 "alive": out.value is not None, "generation": s.generation,
                 "compiled": self._graphs is not None and self._graphs.active(s),
+                "compiled_steps": self._graphs.executions[s.index] if self._graphs else 0,
                 "restarts": s.restarts, "reasons": dict(s.reasons),
                 "resumed": s.resumed, "not_resumed": dict(s.not_resumed),
                 "last_failure": s.last_failure, "last_failure_time": s.last_failure_time,
@@ -322,6 +323,9 @@ class RayVectorEnv(VectorContract, VectorEnv):
             if s.pending_reset is not None:
                 self._flying[s.index] = self._calls.call(s.pending_reset, "reset")
                 s.pending_reset = None
+            elif self._graphs is not None and self._graphs.has(s):
+                self._graphs.submit(s, s.sent, background=True)
+                self._flying[s.index] = self._calls.call(None, "step")  # read by the graph
             else:
                 self._flying[s.index] = self._calls.call(s.handle.step.remote(s.sent), "step")
             at += s.hi - s.lo
@@ -335,7 +339,7 @@ class RayVectorEnv(VectorContract, VectorEnv):
             raise NoAsyncCallError("recv() called with no env stepping; send() first", "send")
         sizes = {a: self._slots[a].hi - self._slots[a].lo for a in self._flying}
         need = min(self.batch_size, sum(sizes.values()))
-        have, done = self._calls.first(self._flying, sizes, need, timeout)
+        have, done = self._calls.first(self._flying, sizes, need, timeout, self._graphs)
         chosen, count = [], 0
         for a in sorted(have, key=lambda a: self._flying[a].sent):
             if count >= need:
@@ -344,7 +348,11 @@ class RayVectorEnv(VectorContract, VectorEnv):
             count += sizes[a]
         chosen.sort()
         calls = {a: self._flying.pop(a) for a in chosen}
-        outs = self._calls.outcomes(calls, done)
+        graphed = [a for a in chosen if calls[a].ref is None]
+        outs = self._calls.outcomes({a: c for a, c in calls.items() if c.ref is not None},
+                                    done)
+        if graphed:  # their reads have their outcomes: nothing waits here
+            outs.update(self._graphs.collect(graphed, None))
         slots = [self._slots[a] for a in chosen]
         obs, rew, term, trunc, infos, restarted, marks = self._failover.assemble(
             slots, calls, outs, fresh_now=False)
