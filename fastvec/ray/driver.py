@@ -60,9 +60,10 @@ class RayVectorEnv(VectorContract, VectorEnv):
         batch_size: enables ``send``/``recv``: ``recv`` returns the envs of the actors that
             finished first, at least ``batch_size`` envs (NEXT_STEP only).
         compiled: ``step()`` and ``send``/``recv`` through Ray's Compiled Graphs
-            (fastvec/ray/compiled.py), one per actor: ``"auto"`` when this Ray has them (>= 2.44; else the classic calls,
-            logged), ``True`` (raise if it has not), ``False`` (the default: classic calls
-            only; an idle compiled actor spins a whole core between steps, docs/ray.md).
+            (fastvec/ray/compiled.py), one per actor: ``"auto"`` when this Ray has them
+            (>= 2.44; else the classic calls, logged), ``True`` (raise if it has not),
+            ``False`` (the default: classic calls only; an idle compiled actor spins a
+            whole core between steps, docs/ray.md).
         env_kwargs: keywords for ``gymnasium.make`` when ``env_fns`` is an id.
         **fastvec_kwargs: every other FastVectorEnv keyword (``autoreset_mode``,
             ``envs_per_worker``, ``step_timeout``, ``max_restarts``, ``on_failure``,
