@@ -406,6 +406,33 @@ def test_actor_lost_before_reset_and_in_recv(cluster):
         ref.close()
 
 
+def _gcs_pid(cluster) -> int:
+    from ray._private import ray_constants
+    return cluster.head_node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process.pid
+
+
+def test_listing_nodes_is_bounded_when_the_gcs_freezes(cluster, monkeypatch):
+    """ray.nodes() waits for the GCS without a deadline (seen wedged for minutes): with
+    the head's GCS SIGSTOPped, building an env fails within the bound, saying what to
+    check, and a replacement that would list the nodes starts anyway."""
+    from fastvec.ray import placement
+    assert placement.NODES_TIMEOUT_S <= 60  # the default bound
+    monkeypatch.setattr(placement, "NODES_TIMEOUT_S", 1.5)
+    gcs = _gcs_pid(cluster)
+    os.kill(gcs, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(fastvec.FastVecError, match="did not list its nodes within 1.5 s"):
+            RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, **FAST)
+        assert time.monotonic() - start < 10.0
+        # the replacement's path: no avoidance, the pin kept
+        opts = placement.actor_options({}, {"node1": 0.01}, {"a-lost-node"}, [])
+        assert opts["resources"] == {"node1": 0.01} and "scheduling_strategy" not in opts
+    finally:
+        os.kill(gcs, signal.SIGCONT)
+    assert placement.alive_nodes(30.0)  # the cluster answers again
+
+
 def test_frozen_actor_counts_as_unresponsive(cluster):
     """SIGSTOP stands in for a partition: no answer within actor_timeout."""
     env = RayVectorEnv([CounterEnv] * 2, envs_per_actor=1, start_timeout=3.0, resume="off",

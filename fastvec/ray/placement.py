@@ -6,12 +6,44 @@ the nodes that were lost (on the least loaded live node that offers its pin).
 from __future__ import annotations
 
 import collections
+import logging
+import threading
 from typing import Mapping, Sequence
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fastvec.errors import FastVecError
+
+log = logging.getLogger("fastvec.ray")
+
+# Bound on listing the cluster's nodes: Ray's query (ray.nodes(), Ray 2.60) waits for the
+# GCS's answer without a deadline, and was seen waiting for good on a loaded machine.
+NODES_TIMEOUT_S = 30.0
+
+
+def alive_nodes(timeout: float | None = None) -> list[dict]:
+    """The alive entries of ``ray.nodes()``, waited for at most ``timeout`` seconds
+    (default ``NODES_TIMEOUT_S``) on a helper thread; FastVecError past it."""
+    timeout = NODES_TIMEOUT_S if timeout is None else timeout
+    box: dict = {}
+
+    def query() -> None:
+        try:
+            box["nodes"] = ray.nodes()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=query, daemon=True, name="fastvec-ray-nodes")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise FastVecError(f"Ray did not list its nodes within {timeout:g} s (ray.nodes() "
+                           "waits for the cluster's GCS without a deadline): check that "
+                           "the head node is up and answers (`ray status`), then try again")
+    if "error" in box:
+        raise box["error"]
+    return [nd for nd in box["nodes"] if nd.get("Alive")]
 
 
 def initial_pins(num_envs: int, envs_per_actor: int | None,
@@ -26,7 +58,7 @@ def initial_pins(num_envs: int, envs_per_actor: int | None,
             raise ValueError(f"placement has {len(pins)} entries for {actors} actors "
                              f"({num_envs} envs)")
         return pins
-    nodes = [nd["NodeID"] for nd in ray.nodes() if nd.get("Alive")]
+    nodes = [nd["NodeID"] for nd in alive_nodes()]
     if not nodes:
         raise FastVecError("the Ray cluster has no alive node")
     if envs_per_actor is None:
@@ -47,13 +79,19 @@ def actor_options(base: dict, pin: str | dict, avoid: set[str],
     """Ray options for an actor pinned to ``pin`` that keep it off the nodes in ``avoid``;
     ``elsewhere`` lists the nodes of the other actors (the load of each node)."""
     opts = dict(base)
+    nodes: list[dict] = []
+    if avoid:
+        try:
+            nodes = alive_nodes()
+        except FastVecError as exc:  # a replacement must still start: without the avoidance
+            log.warning("%s; placing the replacement without avoiding the lost nodes", exc)
+            avoid = set()
     if not avoid:
         if isinstance(pin, dict):
             opts["resources"] = {**opts.get("resources", {}), **pin}
         else:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pin, soft=True)
         return opts
-    nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
     usable = [nd for nd in nodes if nd["NodeID"] not in avoid] or nodes
     load = collections.Counter(elsewhere)
     if isinstance(pin, dict):
