@@ -108,6 +108,15 @@ class RayContender(Contender):
         return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
 
 
+def stop_ray() -> None:
+    """Stop this process's Ray after each cell (the next one starts it again): the next
+    cell's contenders fork their workers, and Ray does not support a fork after
+    ``ray.init``. Here, fastvec workers forked from this driver while Ray ran wedged Ray's
+    GCS client within three cells (``ray.nodes()`` never answered again)."""
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 if ray is not None:
     CONTENDERS.append(RayContender("ray_1actor", "fastvec.ray, 1 local actor", "ray"))
 
@@ -166,6 +175,7 @@ def run(args) -> dict:
                 t0 = time.monotonic()
                 res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
                                    f"{wl.name} n={n}", wl.min_steps, reference=True)
+                stop_ray()
                 add_ratios(res, BASELINE)
                 for c in [SINGLE] + CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
