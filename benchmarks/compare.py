@@ -61,13 +61,14 @@ if __name__ == "__main__":
     # measured. Workers inherit the setting; see blas_threads.py.
     pin_blas_threads()
 
+import ray_cell  # noqa: E402
 import resume_cost  # noqa: E402
 import survival  # noqa: E402
 import workloads  # noqa: E402
 from checkout import BENCH_DIR  # noqa: E402
-from contenders import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC, Contender,  # noqa: E402
+from contenders import (ASYNC_PIPE, ASYNC_SHM, BASELINE, SINGLE, SYNC,  # noqa: E402
                         fast, fast_ready)
-from machine import CpuMeter, busy_warning, cpu_count, facts_line, machine_facts  # noqa: E402
+from machine import CpuMeter, busy_warning, facts_line, machine_facts  # noqa: E402
 from measure import Progress, Timing, measure_cell  # noqa: E402
 from processes import leftover_report  # noqa: E402
 from report import add_ratios, cell_text, table, write_json  # noqa: E402
@@ -75,50 +76,9 @@ from report import add_ratios, cell_text, table, write_json  # noqa: E402
 # SINGLE, one env in-process, is measured in every cell as the reference (see measure.py)
 CONTENDERS = [SYNC, ASYNC_SHM, ASYNC_PIPE, fast(1), fast(4), fast_ready(2)]
 
-try:  # the Ray backend joins when the [ray] extra is installed
-    import ray
-    from fastvec.ray import RayVectorEnv
-except ImportError:
-    ray = None
-
-
-class RayContender(Contender):
-    """fastvec.ray.RayVectorEnv on a local one-node Ray: one actor holding a FastVectorEnv
-    with k=1 workers, i.e. fastvec k=1 plus Ray's actor call and object store per step.
-
-    The classic calls only: an idle compiled-graph actor (``compiled=True``) spins a core,
-    which every other contender of the cell, all alive at once, would pay for;
-    benchmarks/ray_step.py measures the compiled path on its own."""
-
-    def build(self, env_fns):
-        if not ray.is_initialized():
-            # Actors import the workloads module by name, as the fastvec workers do.
-            os.environ["PYTHONPATH"] = os.pathsep.join(
-                [str(BENCH_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-            # Ray puts the driver's working directory on its workers' sys.path: from the
-            # repository root that is the uncompiled source tree, which would shadow the
-            # installed fastvec. Start Ray from this directory instead (no fastvec/ in it).
-            here = os.getcwd()
-            os.chdir(BENCH_DIR)
-            try:
-                ray.init(num_cpus=cpu_count(), log_to_driver=False,
-                         include_dashboard=False, logging_level="error")
-            finally:
-                os.chdir(here)
-        return RayVectorEnv(env_fns, envs_per_actor=len(env_fns))
-
-
-def stop_ray() -> None:
-    """Stop this process's Ray after each cell (the next one starts it again): the next
-    cell's contenders fork their workers, and Ray does not support a fork after
-    ``ray.init``. Here, fastvec workers forked from this driver while Ray ran wedged Ray's
-    GCS client within three cells (``ray.nodes()`` never answered again)."""
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
-if ray is not None:
-    CONTENDERS.append(RayContender("ray_1actor", "fastvec.ray, 1 local actor", "ray"))
+if ray_cell.RAY is not None:  # the Ray contender, each cell in a process of its own
+    CONTENDERS.append(ray_cell.RAY)
+LOCAL = [c for c in CONTENDERS if c is not ray_cell.RAY]  # measured in this process
 
 
 def plan(args) -> tuple[list[workloads.Workload], list[dict]]:
@@ -173,10 +133,12 @@ def run(args) -> dict:
         for wl in chosen:
             for n in args.num_envs:
                 t0 = time.monotonic()
-                res = measure_cell(lambda: wl.env_fns(n), CONTENDERS, timing, progress,
+                res = measure_cell(lambda: wl.env_fns(n), LOCAL, timing, progress,
                                    f"{wl.name} n={n}", wl.min_steps, reference=True)
-                stop_ray()
                 add_ratios(res, BASELINE)
+                if ray_cell.RAY is not None:  # its ratio: against its own process's Async
+                    res[ray_cell.RAY.key] = ray_cell.measure(wl, n, timing, f"{wl.name} n={n}")
+                    progress.update(timing.repeats, f"{wl.name} n={n} ray")
                 for c in [SINGLE] + CONTENDERS:
                     res[c.key]["workers"] = c.workers(n)
                 data["cells"].append({"workload": wl.name, "num_envs": n, "results": res,
@@ -191,8 +153,6 @@ def run(args) -> dict:
                                             os.path.join(args.out, "survival-logs"))
     finally:
         progress.close()
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # its raylet and workers are children of this process
     data["machine"]["foreign_cpu_share"] = whole.foreign_share(restart=False)
     data["machine"]["foreign_cpu_share_max"] = max(
         [c["foreign_cpu_share"] for c in data["cells"] + data["resume_cost"]], default=0.0)
